@@ -1,0 +1,26 @@
+# `make demo` and `make test` create the project venv (.venv) on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# A plain `torch` request would pull a multi-GB CUDA build from PyPI; the pinned pair installs from local disk.
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: venv test demo clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt $(TORCH_PIN)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH bash launch/demo.sh
+
+clean:
+	rm -rf runs data

@@ -1,0 +1,279 @@
+"""Typed run configuration: dataclasses (the schema), validation, and the YAML + override loader.
+
+YAML files start with `defaults: [degla_schema, _self_]`; Hydra composes that schema, the file and any
+`key=value` overrides strictly (an unknown key or a wrong type is an error), then `OmegaConf.to_object`
+builds the dataclasses, whose `__post_init__` checks values. Every failure becomes one `ConfigError`
+line naming the key or value and the fix.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line naming the value and the fix."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "degla-tiny"
+    """open_clip architecture name (`open_clip.list_models()`), e.g. ViT-B-32, ViT-L-14, or degla-tiny."""
+    pretrained: Optional[str] = None
+    """open_clip pretrained tag (e.g. `openai`, `laion2b_s32b_b82k`) or a local checkpoint file; null = random init."""
+    grad_checkpointing: bool = False
+    """Recompute transformer activations in backward (open_clip's set_grad_checkpointing) to save memory."""
+
+    def __post_init__(self):
+        _check(bool(self.name), "model.name is empty: set an open_clip model name, e.g. model.name=ViT-B-32")
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = "data/synthetic/finetune"
+    """webdataset shards: a directory of .tar files, a brace pattern (`shard-{000000..000099}.tar`) or a glob."""
+    num_negatives: int = 4
+    """K hard negatives per sample used by the loss; 0 = plain CLIP. Must be 0 or the K stored in the shards."""
+    batch_size: int = 32
+    """Micro-batch of images per rank (each brings 1+K captions)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    shuffle_buffer: int = 1000
+    """Samples held in each worker's shuffle buffer (on top of the per-epoch shard shuffle)."""
+    num_samples: Optional[int] = None
+    """Samples in one epoch over all ranks; null = read from the shards' manifest.json."""
+
+    def __post_init__(self):
+        _check(self.num_negatives >= 0, f"data.num_negatives={self.num_negatives} is negative: use 0 (plain CLIP) or K > 0")
+        _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
+        _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+        _check(self.shuffle_buffer >= 0, f"data.shuffle_buffer={self.shuffle_buffer} must be >= 0")
+
+
+@dataclass
+class ObjectiveConfig:
+    igc_weight: float = 0.1
+    """Weight of image-grounded contrast (each image vs its own 1+K captions); 0 skips it."""
+    tgc_weight: float = 0.1
+    """Weight of text-grounded contrast (each positive vs its teacher embedding and own negatives); 0 skips it."""
+    distill_weight: float = 0.005
+    """Weight of the summed squared distance to the EMA teacher's embeddings; 0 skips it."""
+    tgc_scale: float = 10.0
+    """Fixed temperature τ of the text-grounded contrast."""
+
+    def __post_init__(self):
+        for name in ("igc_weight", "tgc_weight", "distill_weight"):
+            value = getattr(self, name)
+            _check(value >= 0 and math.isfinite(value), f"objective.{name}={value} must be a finite number >= 0")
+        _check(self.tgc_scale > 0, f"objective.tgc_scale={self.tgc_scale} must be > 0 (the paper uses 10)")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.tgc_weight != 0 or self.distill_weight != 0
+
+
+@dataclass
+class TeacherConfig:
+    ema_alpha: float = 0.9996
+    """EMA decay: θ_t ← α·θ_t + (1−α)·θ_s after every optimizer step."""
+
+    def __post_init__(self):
+        _check(0.0 <= self.ema_alpha <= 1.0, f"teacher.ema_alpha={self.ema_alpha} must lie in [0, 1] (paper: 0.9996)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not gains, biases, embeddings' scale)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW (β1, β2)."""
+    eps: float = 1e-6
+    """AdamW ε."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def __post_init__(self):
+        _check(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               f"optim.betas={list(self.betas)} must be two numbers in [0, 1), e.g. [0.9,0.98]")
+        _check(self.eps > 0, f"optim.eps={self.eps} must be > 0")
+        _check(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 5
+    """Passes over the data."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (overrides epochs when set)."""
+    warmup_steps: int = 50
+    """Linear warm-up steps before the cosine decay."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, f"schedule.epochs={self.epochs} must be >= 1")
+        _check(self.max_steps is None or self.max_steps >= 1, f"schedule.max_steps={self.max_steps} must be >= 1 or null")
+        _check(self.warmup_steps >= 0, f"schedule.warmup_steps={self.warmup_steps} must be >= 0")
+        _check(self.grad_accum >= 1, f"schedule.grad_accum={self.grad_accum} must be >= 1")
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 0
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1, 2 or 3."""
+    precision: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."""
+
+    def __post_init__(self):
+        _check(self.stage in (0, 1, 2, 3), f"zero.stage={self.stage} must be 0, 1, 2 or 3")
+        _check(self.precision in ("auto", "bf16", "fp32"), f"zero.precision={self.precision!r} must be auto, bf16 or fp32")
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    """Write a JSONL/TensorBoard record every this many optimizer steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+    sample_ids: bool = False
+    """Record the ids of the samples of every step in the JSONL (for resume checks)."""
+
+    def __post_init__(self):
+        _check(self.every >= 1, f"logging.every={self.every} must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    """Save a DeepSpeed checkpoint every this many optimizer steps (and at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept on disk; older ones are deleted."""
+    resume: str = "auto"
+    """auto = continue from the latest checkpoint in the run directory if there is one; none = start fresh."""
+
+    def __post_init__(self):
+        _check(self.every >= 1, f"checkpoint.every={self.every} must be >= 1")
+        _check(self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last} must be >= 1")
+        _check(self.resume in ("auto", "none"), f"checkpoint.resume={self.resume!r} must be auto or none")
+
+
+@dataclass
+class EvalConfig:
+    sugarcrepe_dir: str = "data/synthetic/sugarcrepe"
+    """Folder of SugarCrepe-format JSON files ({id: {filename, caption, negative_caption}}) and their images/."""
+    subsets: list[str] = field(default_factory=lambda: ["reshuffle", "swap_noun", "swap_adj", "replace_adj", "replace_noun"])
+    """SugarCrepe-format files to evaluate (file stems)."""
+    zeroshot_dir: Optional[str] = "data/synthetic/zeroshot"
+    """ImageFolder-layout classification split with classes.json (names, templates); null skips zero-shot."""
+    batch_size: int = 256
+    """Images per evaluation batch."""
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1, f"evaluation.batch_size={self.batch_size} must be >= 1")
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    """Directory for logs, checkpoints and the final model."""
+    seed: int = 0
+    """Seed for model init and data order."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        grouped = self.objective.igc_weight or self.objective.tgc_weight
+        _check(self.data.num_negatives > 0 or not grouped,
+               "objective.igc_weight/tgc_weight > 0 need hard negatives but data.num_negatives=0: "
+               "set data.num_negatives=K or both weights to 0 for plain CLIP")
+        _check(not (self.zero.stage == 3 and self.objective.needs_teacher),
+               "zero.stage=3 with an EMA teacher is not supported by the replicated teacher yet: "
+               "use zero.stage<=2 or objective.tgc_weight=0 objective.distill_weight=0")
+
+
+SCHEMA_NAME = "degla_schema"
+
+
+def _register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+
+
+def _one_line(exc: Exception) -> str:
+    """Reduce a Hydra/OmegaConf exception to `key: problem`."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    inner = exc
+    while inner.__cause__ is not None and not isinstance(inner, OmegaConfBaseException):
+        inner = inner.__cause__
+    if isinstance(inner, ConfigError):
+        return str(inner)
+    if isinstance(inner, OmegaConfBaseException):
+        key = getattr(inner, "full_key", None) or "?"
+        msg = str(getattr(inner, "msg", inner)).splitlines()[0]
+        if "not in struct" in msg or "Key '" in msg and "not" in msg:
+            return f"unknown config key '{key}': remove it or fix its spelling (see degla_scale/config.py)"
+        return f"bad value for config key '{key}': {msg}"
+    return str(exc).splitlines()[0]
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Compose schema + YAML file + `key=value` overrides into a validated `Config`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    if path.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"config file {str(path)!r} is not a .yaml file: pass e.g. --config configs/tiny.yaml")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found: pass an existing file, e.g. --config configs/tiny.yaml")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value: write e.g. optim.lr=1e-5")
+    _register_schema()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(path.resolve().parent), version_base=None):
+            composed = compose(config_name=path.stem, overrides=list(overrides or []))
+        return OmegaConf.to_object(composed)
+    except ConfigError:
+        raise
+    except Exception as exc:  # Hydra and OmegaConf raise many types; all become one line
+        raise ConfigError(_one_line(exc)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def to_yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def as_dict(cfg: Config) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(cfg)

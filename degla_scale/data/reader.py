@@ -1,0 +1,225 @@
+"""webdataset reader: (image, positive, K negatives) batches, split by rank and worker, resumable mid-epoch.
+
+Shapes: images [b, 3, H, W]; tokens [b·(1+K), L], positives first, then negatives sample-major.
+
+Determinism is what makes resume exact and keeps ranks in step:
+- each (epoch, pass) shuffles the shard list with a seeded RNG and deals shards to (rank, worker)
+  slots round-robin; passes repeat forever, so every rank can always fill its `steps_per_epoch`
+  batches (uneven shards would otherwise leave ranks with different batch counts and hang collectives);
+- the in-worker sample shuffle is seeded by (seed, epoch, rank, worker);
+- every batch carries how many raw samples its worker had consumed, so a resumed worker skips exactly
+  those (before decoding), and the loader re-emits batches in the original worker round-robin order.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import random
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+
+class DataError(ValueError):
+    """Shards missing or inconsistent with the config; one line naming the path and the fix."""
+
+
+def list_shards(spec: str) -> list[str]:
+    """A directory of .tar files, a brace pattern, or a glob → sorted shard paths."""
+    path = Path(spec)
+    if path.is_dir():
+        shards = sorted(str(p) for p in path.glob("*.tar"))
+    elif "{" in spec:
+        import braceexpand
+
+        shards = list(braceexpand.braceexpand(spec))
+    else:
+        shards = sorted(glob.glob(spec))
+    if not shards:
+        raise DataError(f"data.train_shards={spec!r} matches no .tar shards: make them with launch/make_shards.py or fix the path")
+    return shards
+
+
+def read_manifest(spec: str) -> dict | None:
+    """The manifest.json written beside the shards by launch/make_shards.py, if any."""
+    path = Path(spec)
+    folder = path if path.is_dir() else path.parent
+    manifest = folder / "manifest.json"
+    return json.loads(manifest.read_text()) if manifest.is_file() else None
+
+
+def peek_num_negatives(shards: list[str]) -> int:
+    """K of the data, from the first sample's json (when there is no manifest)."""
+    for sample in wds.DataPipeline(wds.SimpleShardList(shards[:1]), wds.tarfile_to_samples()):
+        return len(json.loads(sample["json"]).get("negatives", [])) if "json" in sample else 0
+    raise DataError(f"shard {shards[0]} holds no samples: remake it")
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # [b, 3, H, W]
+    tokens: torch.Tensor  # [b·(1+K), L]
+    keys: list[str]
+    worker: int = 0
+    consumed: int = 0  # raw samples this worker has read this epoch, up to and including this batch
+    rejected: Counter = field(default_factory=Counter)  # bad samples skipped while building this batch
+
+
+class ShardStream(IterableDataset):
+    """Yields {"url": shard} for this (rank, worker) slot, pass after pass, forever."""
+
+    def __init__(self, shards: list[str], seed: int, epoch: int, rank: int, world: int):
+        self.shards, self.seed, self.epoch, self.rank, self.world = shards, seed, epoch, rank, world
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        slots = self.world * workers
+        if len(self.shards) < slots:
+            raise DataError(f"{len(self.shards)} shards for {self.world} ranks × {workers} workers: "
+                            "make more, smaller shards or lower data.num_workers")
+        slot = self.rank * workers + worker
+        for data_pass in range(1 << 30):
+            order = list(self.shards)
+            random.Random(f"{self.seed}/{self.epoch}/{data_pass}").shuffle(order)
+            for url in order[slot::slots]:
+                yield {"url": url}
+
+
+def _worker_id() -> int:
+    info = get_worker_info()
+    return info.id if info else 0
+
+
+def _seeded_shuffle(bufsize: int, seed: int, epoch: int, rank: int):
+    def stage(samples):
+        rng = random.Random(f"shuffle/{seed}/{epoch}/{rank}/{_worker_id()}")
+        buffer = []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) > bufsize:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+    return stage
+
+
+def decode_sample(sample: dict, num_negatives: int) -> tuple[Image.Image, str, list[str]]:
+    """→ (RGB image, positive, negatives); raises ValueError naming what is wrong."""
+    for key in ("jpg", "txt"):
+        if key not in sample:
+            raise ValueError(f"missing '{key}'")
+    try:
+        with Image.open(io.BytesIO(sample["jpg"])) as im:
+            image = im.convert("RGB")  # some JPEGs (COCO) are grayscale
+    except Exception as exc:
+        raise ValueError(f"corrupt image ({type(exc).__name__})") from None
+    caption = sample["txt"].decode("utf-8").strip()
+    if not caption:
+        raise ValueError("empty caption")
+    negatives = json.loads(sample["json"]).get("negatives", []) if "json" in sample else []
+    if num_negatives and len(negatives) != num_negatives:
+        raise ValueError(f"{len(negatives)} negatives, expected {num_negatives}")
+    return image, caption, negatives[:num_negatives]
+
+
+def _reason(exc: ValueError) -> str:
+    text = str(exc)
+    return "corrupt_image" if text.startswith("corrupt") else "wrong_negatives" if "negatives" in text else text.replace(" ", "_").strip("'")
+
+
+def _batches(batch_size: int, num_negatives: int, transform: Callable, tokenize: Callable, skip: list[int]):
+    """Skip already-consumed raw samples, decode the rest, drop (and count) bad ones, batch."""
+    def stage(samples):
+        worker = _worker_id()
+        to_skip = skip[worker] if worker < len(skip) else 0
+        consumed, rejected = 0, Counter()
+        images, positives, negatives, keys = [], [], [], []
+        for sample in samples:
+            consumed += 1
+            if consumed <= to_skip:
+                continue
+            try:
+                image, caption, negs = decode_sample(sample, num_negatives)
+            except ValueError as exc:
+                rejected[_reason(exc)] += 1
+                continue
+            images.append(transform(image))
+            positives.append(caption)
+            negatives.extend(negs)
+            keys.append(sample["__key__"])
+            if len(keys) == batch_size:
+                yield Batch(torch.stack(images), tokenize(positives + negatives), keys, worker, consumed, rejected)
+                images, positives, negatives, keys, rejected = [], [], [], [], Counter()
+    return stage
+
+
+@dataclass
+class DataPosition:
+    """Where a rank is in its data stream; stored in every checkpoint."""
+
+    epoch: int = 0
+    batches: int = 0  # batches delivered this epoch
+    consumed: list[int] = field(default_factory=list)  # raw samples consumed per worker this epoch
+    rejected: dict = field(default_factory=dict)  # bad samples skipped so far, by reason (whole run)
+
+    def to_json(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches, "consumed": self.consumed, "rejected": dict(self.rejected)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "DataPosition":
+        return cls(d["epoch"], d["batches"], list(d["consumed"]), dict(d.get("rejected", {})))
+
+
+class ShardReader:
+    """Iterates one epoch of batches for this rank from a `DataPosition`, updating it as it goes."""
+
+    def __init__(self, shards: list[str], *, batch_size: int, num_negatives: int, num_workers: int,
+                 shuffle_buffer: int, seed: int, rank: int, world: int, transform: Callable, tokenize: Callable):
+        self.shards, self.batch_size, self.num_negatives = shards, batch_size, num_negatives
+        self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
+        self.rank, self.world, self.transform, self.tokenize = rank, world, transform, tokenize
+        slots = world * max(num_workers, 1)
+        if len(shards) < slots:
+            raise DataError(f"{len(shards)} shards for {world} ranks × {max(num_workers, 1)} workers: "
+                            "make more, smaller shards or lower data.num_workers")
+
+    def epoch(self, position: DataPosition) -> Iterator[Batch]:
+        """Yield this rank's batches of `position.epoch` from `position.batches` on, forever (caller stops)."""
+        workers = max(self.num_workers, 1)
+        if not position.consumed:
+            position.consumed = [0] * workers
+        if len(position.consumed) != workers:
+            raise DataError(f"checkpoint was written with {len(position.consumed)} data workers but data.num_workers="
+                            f"{self.num_workers}: resume with the same number of workers")
+        pipeline = wds.DataPipeline(
+            ShardStream(self.shards, self.seed, position.epoch, self.rank, self.world),
+            wds.tarfile_to_samples(handler=wds.warn_and_continue),
+            _seeded_shuffle(self.shuffle_buffer, self.seed, position.epoch, self.rank),
+            _batches(self.batch_size, self.num_negatives, self.transform, self.tokenize, list(position.consumed)),
+        )
+        loader = DataLoader(pipeline, batch_size=None, num_workers=self.num_workers,
+                            prefetch_factor=4 if self.num_workers else None)
+        # DataLoader hands out worker 0, 1, ... in turn from each restart; after a mid-epoch resume the
+        # next batch belongs to worker (batches % workers), so hold the others back until their turn.
+        pending: dict[int, deque] = {w: deque() for w in range(workers)}
+        rejected = Counter(position.rejected)
+        stream = iter(loader)
+        while True:
+            want = position.batches % workers
+            while not pending[want]:
+                batch = next(stream)
+                pending[batch.worker].append(batch)
+            batch = pending[want].popleft()
+            rejected.update(batch.rejected)
+            position.batches += 1
+            position.consumed[batch.worker] = batch.consumed
+            position.rejected = dict(rejected)
+            yield batch

@@ -1,0 +1,139 @@
+"""The DeGLA objective (DESIGN.md §2), in PyTorch.
+
+Shape legend (per rank unless said otherwise):
+    b  samples on this rank          B = W·b samples over all W ranks
+    K  hard negatives per sample     D  embedding width
+    N  = b·(1+K) captions on this rank: rows 0..b-1 positives, then negatives sample-major
+         (negative k of sample i is row b + i·K + k)
+
+    img_BD   [b, D]     student image embeddings (L2-normalised)
+    txt_ND   [N, D]     student caption embeddings
+    t_img_BD, t_txt_ND  the teacher's embeddings of the same inputs (no gradient)
+
+Every term is a mean over this rank's rows except distillation (a sum over them). With W ranks the
+global term uses features all-gathered *with gradient*, so after the usual gradient averaging across
+ranks the optimizer sees exactly the one-process gradient of the whole batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from degla_scale.distributed import all_gather_with_grad
+
+
+@dataclass
+class DeGLALoss:
+    """The weighted total and each unweighted term (0-dim tensors; a skipped term reads 0)."""
+
+    total: torch.Tensor
+    clip: torch.Tensor
+    igc: torch.Tensor
+    tgc: torch.Tensor
+    distill: torch.Tensor
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # bf16/fp16 embeddings are upcast so softmax statistics accumulate in fp32; fp64 stays fp64 (tests).
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def split_captions(txt_ND: torch.Tensor, b: int, num_negatives: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split caption rows into positives [b, D] and negatives [b, K, D] (sample-major)."""
+    if txt_ND.shape[0] != b * (1 + num_negatives):
+        raise ValueError(
+            f"txt has {txt_ND.shape[0]} rows but b={b} images with num_negatives={num_negatives} need "
+            f"{b * (1 + num_negatives)}: pass positives then b·K negatives in sample-major order"
+        )
+    pos_BD = txt_ND[:b]
+    neg_BKD = txt_ND[b:].reshape(b, num_negatives, txt_ND.shape[1])
+    return pos_BD, neg_BKD
+
+
+def global_contrastive_loss(
+    img_BD: torch.Tensor, pos_BD: torch.Tensor, neg_BKD: torch.Tensor, scale: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """(L_i2t + L_t2i) / 2 over this rank's rows, against features gathered from every rank."""
+    b, D = img_BD.shape
+    rank, world = _rank_world(group)
+    all_img_GD = all_gather_with_grad(img_BD, group)  # G = B images over all ranks
+    all_pos_GD = all_gather_with_grad(pos_BD, group)
+    all_neg_GD = all_gather_with_grad(neg_BKD.reshape(-1, D), group)  # B·K, still sample-major
+    targets_B = torch.arange(b, device=img_BD.device) + rank * b
+
+    columns_CD = torch.cat([all_pos_GD, all_neg_GD])  # C = B + B·K texts
+    logits_i2t_BC = scale * img_BD @ columns_CD.T
+    logits_t2i_BG = scale * pos_BD @ all_img_GD.T
+    return (F.cross_entropy(logits_i2t_BC, targets_B) + F.cross_entropy(logits_t2i_BG, targets_B)) / 2
+
+
+def grouped_contrastive_loss(
+    anchor_BD: torch.Tensor, target_BD: torch.Tensor, neg_BKD: torch.Tensor, scale: torch.Tensor | float
+) -> torch.Tensor:
+    """Cross-entropy of each anchor over [its target, its own K negatives], target first.
+
+    IGC: anchor = image, target = positive caption, scale = s.
+    TGC: anchor = positive caption, target = teacher's embedding of it, scale = τ.
+    """
+    logit_pos_B1 = (anchor_BD * target_BD).sum(-1, keepdim=True)
+    logit_neg_BK = torch.einsum("bd,bkd->bk", anchor_BD, neg_BKD)
+    logits_B1K = scale * torch.cat([logit_pos_B1, logit_neg_BK], dim=1)
+    return F.cross_entropy(logits_B1K, torch.zeros(len(anchor_BD), dtype=torch.long, device=anchor_BD.device))
+
+
+def distill_loss(img_BD, txt_ND, t_img_BD, t_txt_ND) -> torch.Tensor:
+    """Σ (img − t_img)² + Σ (txt − t_txt)² over every element of this rank's rows."""
+    return (img_BD - t_img_BD).pow(2).sum() + (txt_ND - t_txt_ND).pow(2).sum()
+
+
+def degla_loss(
+    img_BD: torch.Tensor,
+    txt_ND: torch.Tensor,
+    scale: torch.Tensor,
+    t_img_BD: torch.Tensor | None = None,
+    t_txt_ND: torch.Tensor | None = None,
+    *,
+    num_negatives: int,
+    igc_weight: float = 0.1,
+    tgc_weight: float = 0.1,
+    distill_weight: float = 0.005,
+    tgc_scale: float = 10.0,
+    group: dist.ProcessGroup | None = None,
+) -> DeGLALoss:
+    """L = L_clip + w_igc·L_igc + w_tgc·L_tgc + w_distill·L_distill (DESIGN.md §2).
+
+    `scale` is the exponentiated logit scale (0-dim or shape [1]). A zero weight skips its term, so
+    the teacher embeddings may be None when `tgc_weight == distill_weight == 0`.
+    """
+    dtype = _compute_dtype(img_BD)
+    img_BD, txt_ND, scale = img_BD.to(dtype), txt_ND.to(dtype), scale.to(dtype).reshape(())
+    b, K = img_BD.shape[0], num_negatives
+    pos_BD, neg_BKD = split_captions(txt_ND, b, K)
+    zero = img_BD.new_zeros(())
+
+    needs_teacher = tgc_weight != 0 or distill_weight != 0
+    if needs_teacher:
+        if t_img_BD is None or t_txt_ND is None:
+            raise ValueError("tgc_weight or distill_weight is non-zero but no teacher embeddings were given")
+        t_img_BD, t_txt_ND = t_img_BD.detach().to(dtype), t_txt_ND.detach().to(dtype)
+
+    clip = global_contrastive_loss(img_BD, pos_BD, neg_BKD, scale, group)
+    # With K = 0 the grouped terms are a softmax over one logit: exactly 0, so skip them too.
+    igc = grouped_contrastive_loss(img_BD, pos_BD, neg_BKD, scale) if igc_weight != 0 and K > 0 else zero
+    tgc = (
+        grouped_contrastive_loss(pos_BD, t_txt_ND[:b], neg_BKD, tgc_scale)
+        if tgc_weight != 0 and K > 0 else zero
+    )
+    distill = distill_loss(img_BD, txt_ND, t_img_BD, t_txt_ND) if distill_weight != 0 else zero
+    total = clip + igc_weight * igc + tgc_weight * tgc + distill_weight * distill
+    return DeGLALoss(total=total, clip=clip, igc=igc, tgc=tgc, distill=distill)
+
+
+def _rank_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1

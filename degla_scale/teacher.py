@@ -1,0 +1,57 @@
+"""EMA teacher, first version: a replicated fp32 copy of the student (DESIGN.md §2, "EMA").
+
+θ_t ← α·θ_t + (1−α)·θ_s after every optimizer step. The copy is kept in fp32 because at α = 0.9996 a
+bf16 EMA stops moving (the update is below bf16's resolution).
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+
+class EMATeacher:
+    """Holds the teacher module; `update` blends the student in, `encode` runs it without gradient."""
+
+    def __init__(self, student: nn.Module, alpha: float, autocast_dtype: torch.dtype | None = None):
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"EMA alpha={alpha} must lie in [0, 1]")
+        self.alpha = alpha
+        self.autocast_dtype = autocast_dtype
+        self.module = copy.deepcopy(student).float().eval().requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        teacher_params = list(self.module.parameters())
+        student_params = [p.detach().to(torch.float32) for p in student.parameters()]
+        if len(teacher_params) != len(student_params):
+            raise RuntimeError(
+                f"teacher has {len(teacher_params)} parameters but the student {len(student_params)}: "
+                "build the teacher from the same model"
+            )
+        torch._foreach_lerp_(teacher_params, student_params, 1.0 - self.alpha)
+        self.updates += 1
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = (
+            torch.autocast(images.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None else nullcontext()
+        )
+        with ctx:
+            img_BD, txt_ND, _ = self.module(images, texts)
+        return img_BD, txt_ND
+
+    def to(self, device: torch.device) -> "EMATeacher":
+        self.module.to(device)
+        return self
+
+    def state_dict(self) -> dict:
+        return {"alpha": self.alpha, "updates": self.updates, "module": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = state["updates"]

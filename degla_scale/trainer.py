@@ -1,0 +1,316 @@
+"""DeGLA training on a DeepSpeed engine: `train()` → `train_step()` → `forward_backward()`.
+
+Shapes: images [b, 3, H, W]; tokens [b·(1+K), L]; embeddings img_BD [b, D], txt_ND [b·(1+K), D].
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from degla_scale import accelerator
+
+accelerator.configure()  # before deepspeed is imported
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from degla_scale import distributed as D  # noqa: E402
+from degla_scale.config import Config, ConfigError, as_dict  # noqa: E402
+from degla_scale.data.reader import Batch, DataPosition, ShardReader, list_shards, read_manifest  # noqa: E402
+from degla_scale.logs import RunLog, plot_loss_curves  # noqa: E402
+from degla_scale.models import DeGLAModel, build_model, image_transform, tokenizer  # noqa: E402
+from degla_scale.objective import DeGLALoss, degla_loss  # noqa: E402
+from degla_scale.teacher import EMATeacher  # noqa: E402
+
+LOSS_TERMS = ("total", "clip", "igc", "tgc", "distill")
+
+
+def check_data(cfg: Config) -> int:
+    """Validate shards against the config before any process group starts; return samples per epoch."""
+    shards = list_shards(cfg.data.train_shards)
+    manifest = read_manifest(cfg.data.train_shards) or {}
+    if "num_negatives" in manifest:
+        data_k = manifest["num_negatives"]
+    else:
+        from degla_scale.data.reader import peek_num_negatives
+
+        data_k = peek_num_negatives(shards)
+    k = cfg.data.num_negatives
+    if k not in (0, data_k):
+        raise ConfigError(f"data.num_negatives={k} but the shards in {cfg.data.train_shards} hold {data_k} "
+                          f"negatives per sample: set data.num_negatives={data_k} (or 0 for plain CLIP)")
+    num_samples = cfg.data.num_samples or manifest.get("num_samples")
+    if not num_samples:
+        raise ConfigError(f"no manifest.json beside {cfg.data.train_shards}: set data.num_samples to the number of samples")
+    return int(num_samples)
+
+
+def build_ds_config(cfg: Config, bf16: bool) -> dict:
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.schedule.grad_accum,
+        "zero_optimization": {"stage": cfg.zero.stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.optim.grad_clip > 0:
+        ds["gradient_clipping"] = cfg.optim.grad_clip
+    return ds
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, fused: bool) -> torch.optim.Optimizer:
+    """AdamW; like open_clip, no weight decay on gains, biases and the logit scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if exempt else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                             **({"fused": True} if fused else {}))
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up to the peak, then cosine to zero at `total` optimizer steps."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `setup()`."""
+
+    cfg: Config
+    engine: deepspeed.DeepSpeedEngine
+    teacher: EMATeacher | None
+    reader: ShardReader
+    log: RunLog
+    device: torch.device
+    input_dtype: torch.dtype
+    steps_per_epoch: int
+    total_steps: int
+    step: int = 0
+    position: DataPosition | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def setup(cfg: Config) -> Run:
+    num_samples = check_data(cfg)
+    D.ensure_launcher_env()
+    deepspeed.init_distributed(dist_backend=accelerator.dist_backend())
+    rank, world = D.rank(), D.world_size()
+    from deepspeed.accelerator import get_accelerator
+
+    device = torch.device(get_accelerator().device_name(), get_accelerator().current_device()) \
+        if accelerator.configure() == "cuda" else torch.device("cpu")
+    bf16 = cfg.zero.precision == "bf16" or (cfg.zero.precision == "auto" and device.type == "cuda")
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model)
+    teacher = None
+    if cfg.objective.needs_teacher:
+        teacher = EMATeacher(model, cfg.teacher.ema_alpha, torch.bfloat16 if bf16 else None).to(device)
+
+    per_step = world * cfg.data.batch_size * cfg.schedule.grad_accum
+    steps_per_epoch = num_samples // per_step
+    if steps_per_epoch < 1:
+        raise ConfigError(f"{num_samples} samples fill no optimizer step of {per_step} (ranks × batch × accum): "
+                          "lower data.batch_size or schedule.grad_accum")
+    total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * steps_per_epoch
+    optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule.warmup_steps, total_steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=build_ds_config(cfg, bf16))
+    reader = ShardReader(
+        list_shards(cfg.data.train_shards), batch_size=cfg.data.batch_size, num_negatives=cfg.data.num_negatives,
+        num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, rank=rank,
+        world=world, transform=image_transform(cfg.model), tokenize=tokenizer(cfg.model),
+    )
+    log = RunLog(Path(cfg.run_dir), enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
+    return Run(cfg, engine, teacher, reader, log, device, torch.bfloat16 if bf16 else torch.float32,
+               steps_per_epoch, total_steps, position=DataPosition())
+
+
+# ---------------------------------------------------------------- the step
+
+
+def forward_backward(run: Run, batch: Batch) -> DeGLALoss:
+    """Student and teacher forward on one micro-batch, the DeGLA loss, and its backward."""
+    images = batch.images.to(run.device, run.input_dtype, non_blocking=True)
+    tokens = batch.tokens.to(run.device, non_blocking=True)
+    img_BD, txt_ND, scale = run.engine(images, tokens)
+    t_img_BD = t_txt_ND = None
+    if run.teacher is not None:
+        t_img_BD, t_txt_ND = run.teacher.encode(images, tokens)
+    obj = run.cfg.objective
+    out = degla_loss(img_BD, txt_ND, scale, t_img_BD, t_txt_ND, num_negatives=run.cfg.data.num_negatives,
+                     igc_weight=obj.igc_weight, tgc_weight=obj.tgc_weight, distill_weight=obj.distill_weight,
+                     tgc_scale=obj.tgc_scale)
+    run.engine.backward(out.total)
+    return out
+
+
+def train_step(run: Run, batches: Iterator[Batch]) -> tuple[torch.Tensor, list[str]]:
+    """One optimizer step over `grad_accum` micro-batches, then the EMA update.
+
+    Returns the micro-batch-averaged loss terms [5] (this rank) and the sample keys consumed."""
+    terms = torch.zeros(len(LOSS_TERMS), device=run.device)
+    keys: list[str] = []
+    for _ in range(run.cfg.schedule.grad_accum):
+        batch = next(batches)
+        out = forward_backward(run, batch)
+        run.engine.step()  # DeepSpeed steps the optimizer and scheduler at the accumulation boundary
+        terms += torch.stack([getattr(out, t).detach().float() for t in LOSS_TERMS])
+        keys.extend(batch.keys)
+    if run.teacher is not None:
+        run.teacher.update(run.engine.module)
+    run.step += 1
+    return terms / run.cfg.schedule.grad_accum, keys
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(run: Run) -> None:
+    """Per-rank data position and the teacher first; DeepSpeed writes `latest` last, so a kill mid-save
+    leaves the previous checkpoint as the one to resume."""
+    tag = f"step{run.step:08d}"
+    tag_dir = run.ckpt_dir / tag
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    rank = D.rank()
+    (tag_dir / f"data_rank{rank}.json").write_text(json.dumps(run.position.to_json()))
+    if run.teacher is not None and rank == 0:
+        torch.save(run.teacher.state_dict(), tag_dir / "teacher.pt")
+    run.engine.save_checkpoint(str(run.ckpt_dir), tag=tag, client_state={"step": run.step})
+    if rank == 0:
+        tags = sorted(p for p in run.ckpt_dir.glob("step*") if p.is_dir())
+        for old in tags[: -run.cfg.checkpoint.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def maybe_resume(run: Run) -> None:
+    latest = run.ckpt_dir / "latest"
+    if run.cfg.checkpoint.resume != "auto" or not latest.is_file():
+        return
+    tag = latest.read_text().strip()
+    load_path, client_state = run.engine.load_checkpoint(str(run.ckpt_dir), tag=tag)
+    if load_path is None:
+        raise RuntimeError(f"could not load checkpoint {run.ckpt_dir / tag}: delete it or set checkpoint.resume=none")
+    run.step = client_state["step"]
+    if run.teacher is not None:
+        run.teacher.load_state_dict(torch.load(run.ckpt_dir / tag / "teacher.pt", map_location=run.device))
+    position_file = run.ckpt_dir / tag / f"data_rank{D.rank()}.json"
+    if not position_file.is_file():
+        raise RuntimeError(f"{position_file} is missing (was the run saved with fewer ranks?): resume with the same number of ranks")
+    run.position = DataPosition.from_json(json.loads(position_file.read_text()))
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _log_record(run: Run, terms_sum: torch.Tensor, n: int, samples: int, seconds: float, keys: list[str]) -> dict:
+    """Average the loss terms over steps and ranks; rank 0 gets the record."""
+    if D.is_dist():
+        dist.all_reduce(terms_sum)
+    terms = (terms_sum / (n * D.world_size())).tolist()
+    record = {"step": run.step, "epoch": run.position.epoch, "lr": run.engine.get_lr()[0]}
+    record.update({f"loss.{t}": v for t, v in zip(LOSS_TERMS, terms)})
+    record["scale"] = float(run.engine.module.clip.logit_scale.detach().float().clamp(max=math.log(100)).exp().item())
+    record["samples_per_s"] = samples * D.world_size() / max(seconds, 1e-9)
+    rejected = [run.position.rejected]
+    if D.is_dist():
+        rejected = [None] * D.world_size()
+        dist.all_gather_object(rejected, run.position.rejected)
+    record["rejected"] = dict(sum((Counter(r) for r in rejected), Counter()))
+    if run.cfg.logging.sample_ids:
+        all_keys = [keys]
+        if D.is_dist():
+            all_keys = [None] * D.world_size()
+            dist.all_gather_object(all_keys, keys)
+        record["sample_ids"] = all_keys
+    return record
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) training to the end; returns the last log record."""
+    run = setup(cfg)
+    maybe_resume(run)
+    rank0 = D.rank() == 0
+    if rank0:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run_dir) / "config.json").write_text(json.dumps(as_dict(cfg), indent=1))
+        run.log.write({"event": "start", "step": run.step, "total_steps": run.total_steps,
+                       "steps_per_epoch": run.steps_per_epoch, "world_size": D.world_size(),
+                       "resumed": run.step > 0, "data_position": run.position.to_json()})
+    progress = None
+    if rank0 and cfg.logging.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True)
+
+    micro_per_epoch = run.steps_per_epoch * cfg.schedule.grad_accum
+    terms_sum, n, keys, t0 = torch.zeros(len(LOSS_TERMS), device=run.device), 0, [], time.perf_counter()
+    record: dict = {}
+    while run.step < run.total_steps:
+        if run.position.batches >= micro_per_epoch:
+            run.position = DataPosition(run.position.epoch + 1, 0, [], run.position.rejected)
+        batches = run.reader.epoch(run.position)
+        while run.step < run.total_steps and run.position.batches < micro_per_epoch:
+            terms, step_keys = train_step(run, batches)
+            terms_sum += terms
+            n += 1
+            keys.extend(step_keys)
+            last = run.step == run.total_steps
+            if run.step % cfg.logging.every == 0 or last:
+                record = _log_record(run, terms_sum, n, n * cfg.data.batch_size * cfg.schedule.grad_accum,
+                                     time.perf_counter() - t0, keys)
+                run.log.write(record)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{record['loss.total']:.4f}", refresh=False)
+                terms_sum, n, keys, t0 = torch.zeros_like(terms_sum), 0, [], time.perf_counter()
+            if run.step % cfg.checkpoint.every == 0 or last:
+                save_checkpoint(run)
+            if progress is not None:
+                progress.update(1)
+        del batches  # shuts the epoch's data workers down
+    if progress is not None:
+        progress.close()
+    finish(run)
+    return record
+
+
+def finish(run: Run) -> None:
+    """Final open_clip-format weights (student and teacher) and the loss-curve plot, from rank 0."""
+    if D.rank() != 0:
+        return
+    final = run.run_dir / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    module: DeGLAModel = run.engine.module
+    student = {k: v.float() for k, v in module.open_clip_state_dict().items()}
+    torch.save(student, final / "student.pt")
+    if run.teacher is not None:
+        torch.save(run.teacher.module.open_clip_state_dict(), final / "teacher.pt")
+    plot_loss_curves({run.run_dir.name: run.log.path}, run.run_dir / "loss_curve.png")
+    run.log.write({"event": "end", "step": run.step})
+    run.log.close()
