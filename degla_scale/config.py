@@ -223,17 +223,17 @@ def _register_schema() -> None:
 
 def _one_line(exc: Exception) -> str:
     """Reduce a Hydra/OmegaConf exception to `key: problem`."""
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
     inner = exc
-    while inner.__cause__ is not None and not isinstance(inner, OmegaConfBaseException):
-        inner = inner.__cause__
+    while not isinstance(inner, (OmegaConfBaseException, ConfigError)) and (inner.__cause__ or inner.__context__):
+        inner = inner.__cause__ or inner.__context__
     if isinstance(inner, ConfigError):
         return str(inner)
     if isinstance(inner, OmegaConfBaseException):
         key = getattr(inner, "full_key", None) or "?"
         msg = str(getattr(inner, "msg", inner)).splitlines()[0]
-        if "not in struct" in msg or "Key '" in msg and "not" in msg:
+        if isinstance(inner, ConfigKeyError):
             return f"unknown config key '{key}': remove it or fix its spelling (see degla_scale/config.py)"
         return f"bad value for config key '{key}': {msg}"
     return str(exc).splitlines()[0]

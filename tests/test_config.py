@@ -1,0 +1,92 @@
+"""Config loading: every shipped config composes; each bad input gets one line and exit code 2."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from degla_scale.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_paper_setup_in_vitb32():
+    cfg = load_config(ROOT / "configs/vitb32.yaml")
+    assert (cfg.model.name, cfg.model.pretrained) == ("ViT-B-32", "openai")
+    assert cfg.optim.lr == 1e-6 and cfg.optim.weight_decay == 0.1 and cfg.optim.eps == 1e-6
+    assert list(cfg.optim.betas) == [0.9, 0.98]
+    assert (cfg.data.batch_size, cfg.data.num_negatives) == (32, 4)
+    assert (cfg.schedule.warmup_steps, cfg.schedule.epochs, cfg.teacher.ema_alpha) == (50, 5, 0.9996)
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["optim.lr=1e-5", "zero.stage=2", "model.pretrained=null"])
+    assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)
+    assert cfg.zero.stage == 2 and cfg.model.pretrained is None
+
+
+def write_yaml(tmp_path, body):
+    path = tmp_path / "bad.yaml"
+    path.write_text("defaults:\n  - degla_schema\n  - _self_\n" + body)
+    return path
+
+
+BAD_CASES = {
+    "unknown key in file": ("optim:\n  lrr: 0.1\n", [], "optim.lrr"),
+    "unknown key override": ("", ["optim.lrr=0.1"], "optim.lrr"),
+    "wrong type": ("", ["optim.lr=fast"], "optim.lr"),
+    "wrong type in file": ("data:\n  batch_size: many\n", [], "data.batch_size"),
+    "bad value": ("", ["zero.stage=5"], "zero.stage=5"),
+    "not key=value": ("", ["--lr"], "'--lr'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_config_one_line(tmp_path, case):
+    body, overrides, named = BAD_CASES[case]
+    with pytest.raises(ConfigError) as info:
+        load_config(write_yaml(tmp_path, body), overrides)
+    message = str(info.value)
+    assert "\n" not in message and named in message
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def run_train(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "launch/train.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def k4_shards(tmp_path_factory):
+    from degla_scale.data.synthetic import write_shards
+
+    out = tmp_path_factory.mktemp("shards") / "ft"
+    write_shards(out, "finetune", seed=0, num_samples=8, num_negatives=4, shard_size=4, workers=1)
+    return out
+
+
+@pytest.mark.parametrize("case,args,named", [
+    ("unknown key", ["optim.lrr=1"], "optim.lrr"),
+    ("wrong type", ["schedule.epochs=two"], "schedule.epochs"),
+    ("missing file", None, "not found"),
+    ("K mismatch", ["data.num_negatives=3"], "data.num_negatives=3"),
+])
+def test_launcher_exit_code_2(tmp_path, k4_shards, case, args, named):
+    config = str(ROOT / "configs/tiny.yaml") if args is not None else str(tmp_path / "missing.yaml")
+    extra = [f"data.train_shards={k4_shards}", f"run_dir={tmp_path / 'run'}", "model.pretrained=null"]
+    result = run_train("--config", config, "--local_rank=0", *(args or []), *extra)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("config error:") and named in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()  # nothing started

@@ -1,0 +1,72 @@
+"""Two gloo ranks: loss and gradients equal the one-process result on the concatenated batch.
+
+One process holds the whole batch for the three mean terms and averages the distillation term over
+the rank-sized chunks (DESIGN.md §2). Rank r's feature gradients include every rank's loss through the
+all-gather, so they equal W × the reference gradient of its chunk; the scale gradient, averaged over
+ranks as data parallelism does, equals the reference's."""
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from degla_scale.objective import degla_loss
+from test_objective import make_inputs
+
+W, b, K, D = 2, 5, 3, 12
+
+
+def chunk(x, r, rows):
+    return x[r * rows:(r + 1) * rows]
+
+
+def split_for_rank(img, txt, t_img, t_txt, r):
+    """Rank r's rows in the per-rank layout: its b positives, then its b·K negatives."""
+    pos, neg = txt[:W * b], txt[W * b:]
+    t_pos, t_neg = t_txt[:W * b], t_txt[W * b:]
+    return (chunk(img, r, b), torch.cat([chunk(pos, r, b), chunk(neg, r, b * K)]),
+            chunk(t_img, r, b), torch.cat([chunk(t_pos, r, b), chunk(t_neg, r, b * K)]))
+
+
+def _worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
+    img, txt, scale, t_img, t_txt = make_inputs(W * b, K, D, scale=20.0, seed=3)
+    my_img, my_txt, my_t_img, my_t_txt = (x.clone() for x in split_for_rank(img, txt, t_img, t_txt, rank))
+    my_img.requires_grad_(True)
+    my_txt.requires_grad_(True)
+    scale = scale.clone().requires_grad_(True)
+    out = degla_loss(my_img, my_txt, scale, my_t_img, my_t_txt, num_negatives=K)
+    out.total.backward()
+    torch.save({"total": out.total.detach(), "clip": out.clip.detach(), "igc": out.igc.detach(), "tgc": out.tgc.detach(),
+                "distill": out.distill.detach(), "img": my_img.grad, "txt": my_txt.grad, "scale": scale.grad},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=W, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(W)]
+
+    img, txt, scale, t_img, t_txt = make_inputs(W * b, K, D, scale=20.0, seed=3)
+    img.requires_grad_(True)
+    txt.requires_grad_(True)
+    scale.requires_grad_(True)
+    # One process: the whole batch for the mean terms (txt here is [all positives; all negatives]).
+    whole = degla_loss(img, txt, scale, t_img, t_txt, num_negatives=K, distill_weight=0.0)
+    distill = 0
+    for r in range(W):
+        i, t, ti, tt = split_for_rank(img, txt, t_img, t_txt, r)
+        distill = distill + (((i - ti) ** 2).sum() + ((t - tt) ** 2).sum()) / W
+    reference = whole.total + 0.005 * distill
+    reference.backward()
+
+    mean = lambda key: sum(r[key] for r in ranks) / W  # noqa: E731
+    torch.testing.assert_close(mean("total"), reference.detach(), rtol=1e-10, atol=0)
+    for term in ("clip", "igc", "tgc"):
+        torch.testing.assert_close(mean(term), getattr(whole, term).detach(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(mean("distill"), distill.detach(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(mean("scale"), scale.grad, rtol=1e-9, atol=1e-14)
+    for r in range(W):
+        want_img, want_txt = split_for_rank(img.grad, txt.grad, img.grad, txt.grad, r)[:2]
+        torch.testing.assert_close(ranks[r]["img"] / W, want_img, rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(ranks[r]["txt"] / W, want_txt, rtol=1e-9, atol=1e-14)
