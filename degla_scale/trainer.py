@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections import Counter
@@ -121,6 +122,10 @@ def setup(cfg: Config) -> Run:
     deepspeed.init_distributed(dist_backend=accelerator.dist_backend())
     rank, world = D.rank(), D.world_size()
     from deepspeed.accelerator import get_accelerator
+
+    if accelerator.configure() == "cpu":  # share the cores between the ranks on this machine
+        local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
     device = torch.device(get_accelerator().device_name(), get_accelerator().current_device()) \
         if accelerator.configure() == "cuda" else torch.device("cpu")
