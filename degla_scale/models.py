@@ -50,7 +50,7 @@ def _check_name(name: str) -> None:
         raise ConfigError(f"model.name={name!r} is not an open_clip model: pick one of open_clip.list_models(), e.g. {close or ['ViT-B-32']}")
 
 
-def build_clip(cfg: ModelConfig, load_weights: bool = True) -> nn.Module:
+def build_clip(cfg: ModelConfig, load_weights: bool = True, device: str = "cpu") -> nn.Module:
     """The bare open_clip model; `pretrained` may be an open_clip tag or a local file."""
     _check_name(cfg.name)
     pretrained = cfg.pretrained if load_weights else None
@@ -58,20 +58,20 @@ def build_clip(cfg: ModelConfig, load_weights: bool = True) -> nn.Module:
         tags = [tag for model, tag in open_clip.list_pretrained() if model == cfg.name]
         if pretrained not in tags:
             raise ConfigError(f"model.pretrained={pretrained!r} is neither a file nor an open_clip tag of {cfg.name}: use one of {tags or 'a local checkpoint file'}")
-    clip = open_clip.create_model(cfg.name, pretrained=pretrained, nonscalar_logit_scale=True)
+    clip = open_clip.create_model(cfg.name, pretrained=pretrained, device=device, nonscalar_logit_scale=True)
     if cfg.grad_checkpointing:
         clip.set_grad_checkpointing(True)
     return clip
 
 
-def build_model(cfg: ModelConfig, load_weights: bool = True) -> DeGLAModel:
-    return DeGLAModel(build_clip(cfg, load_weights=load_weights))
+def build_model(cfg: ModelConfig, load_weights: bool = True, device: str = "cpu") -> DeGLAModel:
+    return DeGLAModel(build_clip(cfg, load_weights=load_weights, device=device))
 
 
 def count_parameters_meta(cfg: ModelConfig) -> int:
     """Parameter count of the architecture, built on the meta device (no memory for weights)."""
     with torch.device("meta"):
-        model = build_model(cfg, load_weights=False)
+        model = build_model(cfg, load_weights=False, device="meta")
     return sum(p.numel() for p in model.parameters())
 
 

@@ -198,8 +198,8 @@ def single_negative(kind: str, target: Obj, rng: random.Random) -> str:
     return Obj(rng.choice([s for s in SHAPES if s != target.shape]), target.colour, target.size).phrase()
 
 
-def finetune_sample(seed: int, index: int, num_negatives: int, split: str = "finetune") -> tuple[Image.Image, str, list[str], list[str]]:
-    """Structured caption and K negatives of distinct applicable types (cycling when K exceeds them).
+def finetune_record(seed: int, index: int, num_negatives: int, split: str = "finetune") -> dict:
+    """Scene, structured caption and K negatives of distinct applicable types (cycling when K exceeds them).
 
     Most scenes hold two objects (all five types apply); some hold one, so fine-tuning keeps seeing
     the plain object captions that zero-shot prompts resemble."""
@@ -208,13 +208,22 @@ def finetune_sample(seed: int, index: int, num_negatives: int, split: str = "fin
         scene = sample_scene(rng, 1)
         types = [("replace_adj", "replace_noun")[(k + index) % 2] for k in range(num_negatives)]
         negatives = [single_negative(t, scene.objects[0], rng) for t in types]
-        return render(scene), scene.objects[0].phrase(), negatives, types
+        return {"scene": scene, "caption": scene.objects[0].phrase(), "negatives": negatives, "types": types}
     scene = sample_scene(rng, 2)
     subject, relation, obj = oriented(scene, rng)
     kinds = rng.sample(NEGATIVE_TYPES, len(NEGATIVE_TYPES))
     types = [kinds[k % len(kinds)] for k in range(num_negatives)]
     negatives = [negative(t, subject, relation, obj, rng) for t in types]
-    return render(scene), structured_caption(subject, relation, obj), negatives, types
+    return {"scene": scene, "caption": structured_caption(subject, relation, obj), "negatives": negatives, "types": types}
+
+
+def eval_record(seed: int, kind: str, index: int) -> dict:
+    """A held-out two-object scene with its caption and one negative of `kind`."""
+    rng = _rng(seed, f"eval-{kind}", index)
+    scene = sample_scene(rng, 2)
+    subject, relation, obj = oriented(scene, rng)
+    return {"scene": scene, "caption": structured_caption(subject, relation, obj),
+            "negative_caption": negative(kind, subject, relation, obj, rng)}
 
 
 # ---------------------------------------------------------------- writers
@@ -237,8 +246,9 @@ def _write_shard(job: tuple) -> int:
                 image, caption = pretrain_sample(seed, index)
                 meta.update(negatives=[], types=[])
             else:
-                image, caption, negatives, types = finetune_sample(seed, index, num_negatives)
-                meta.update(negatives=negatives, types=types)
+                record = finetune_record(seed, index, num_negatives)
+                image, caption = render(record["scene"]), record["caption"]
+                meta.update(negatives=record["negatives"], types=record["types"])
             sink.write({"__key__": f"{split}{index:08d}", "jpg": _jpeg(image), "txt": caption, "json": meta})
     return stop - start
 
@@ -274,16 +284,11 @@ def write_sugarcrepe(out_dir: Path, seed: int, per_type: int) -> dict[str, int]:
     for kind in NEGATIVE_TYPES:
         records = {}
         for i in range(per_type):
-            rng = _rng(seed, f"eval-{kind}", i)
-            scene = sample_scene(rng, 2)
-            subject, relation, obj = oriented(scene, rng)
+            record = eval_record(seed, kind, i)
             filename = f"{kind}_{i:06d}.jpg"
-            render(scene).save(image_dir / filename, quality=95)
-            records[str(i)] = {
-                "filename": filename,
-                "caption": structured_caption(subject, relation, obj),
-                "negative_caption": negative(kind, subject, relation, obj, rng),
-            }
+            render(record["scene"]).save(image_dir / filename, quality=95)
+            records[str(i)] = {"filename": filename, "caption": record["caption"],
+                               "negative_caption": record["negative_caption"]}
         (out_dir / f"{kind}.json").write_text(json.dumps(records, indent=1))
         counts[kind] = len(records)
     return counts

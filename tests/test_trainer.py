@@ -1,0 +1,96 @@
+"""End-to-end training on CPU: SIGKILL mid-run and relaunch continues the same steps, samples and losses;
+the DeepSpeed launcher runs 2 ranks."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from degla_scale.data.synthetic import write_shards
+
+    out = tmp_path_factory.mktemp("data") / "finetune"
+    write_shards(out, "finetune", seed=0, num_samples=96, num_negatives=2, shard_size=8, workers=1)
+    return out
+
+
+def overrides(shards, run_dir, steps=10):
+    return [f"data.train_shards={shards}", "data.num_negatives=2", "data.batch_size=8", "data.num_workers=1",
+            "data.shuffle_buffer=16", "model.pretrained=null", f"schedule.max_steps={steps}", "schedule.warmup_steps=2",
+            "logging.every=1", "logging.sample_ids=true", "logging.tensorboard=false", "logging.progress=false",
+            "checkpoint.every=3", "teacher.ema_alpha=0.9", "optim.lr=1e-3", f"run_dir={run_dir}"]
+
+
+def command(shards, run_dir):
+    return [sys.executable, str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/tiny.yaml"),
+            *overrides(shards, run_dir)]
+
+
+def records(run_dir):
+    lines = (Path(run_dir) / "train.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def steps_of(run_dir):
+    return {r["step"]: r for r in records(run_dir) if "loss.total" in r}
+
+
+def test_sigkill_and_relaunch_resumes(tmp_path, shards):
+    reference = tmp_path / "reference"
+    subprocess.run(command(shards, reference), check=True, cwd=ROOT, timeout=300, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(shards, killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (killed / "train.jsonl").exists() and max(steps_of(killed), default=0) >= 7:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = max(steps_of(killed))
+    assert 7 <= done_before < 10, "the run must be killed mid-way"
+    saved = int((killed / "checkpoints/latest").read_text().strip().removeprefix("step"))
+    assert saved in (6, 9) and saved <= done_before
+
+    subprocess.run(command(shards, killed), check=True, cwd=ROOT, timeout=300, capture_output=True)
+    starts = [r for r in records(killed) if r.get("event") == "start"]
+    assert [s["resumed"] for s in starts] == [False, True]
+    assert starts[1]["step"] == saved and starts[1]["data_position"]["batches"] == saved
+
+    want, got = steps_of(reference), {}
+    for r in records(killed)[records(killed).index(starts[1]):]:
+        if "loss.total" in r:
+            got[r["step"]] = r
+    assert sorted(got) == list(range(saved + 1, 11))  # the step counter continues
+    for step, r in got.items():
+        assert r["sample_ids"] == want[step]["sample_ids"], f"step {step} saw different samples"
+        for term in ("loss.total", "loss.clip", "loss.igc", "loss.tgc", "loss.distill"):
+            assert r[term] == pytest.approx(want[step][term], rel=1e-4, abs=1e-6), (step, term)
+    assert (killed / "final/student.pt").is_file() and (killed / "final/teacher.pt").is_file()
+    assert (killed / "loss_curve.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_two_cpu_ranks_zero1(tmp_path, shards):
+    run_dir = tmp_path / "two"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    result = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", "29533", str(ROOT / "launch/train.py"),
+                             "--config", str(ROOT / "configs/tiny.yaml"), *overrides(shards, run_dir, steps=4),
+                             "zero.stage=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    recs = steps_of(run_dir)
+    assert sorted(recs) == [1, 2, 3, 4]
+    start = [r for r in records(run_dir) if r.get("event") == "start"][0]
+    assert start["world_size"] == 2
+    ids = recs[1]["sample_ids"]
+    assert len(ids) == 2 and not set(ids[0]) & set(ids[1])  # two ranks, disjoint samples
+    assert (run_dir / "checkpoints/step00000004/data_rank1.json").is_file()
