@@ -267,12 +267,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         GlobalHydra.instance().clear()
 
 
-def to_yaml(cfg: Config) -> str:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
 def as_dict(cfg: Config) -> dict[str, Any]:
     from dataclasses import asdict
 

@@ -24,9 +24,11 @@ import torch.distributed as dist  # noqa: E402
 
 from degla_scale import distributed as D  # noqa: E402
 from degla_scale.config import Config, ConfigError, as_dict  # noqa: E402
-from degla_scale.data.reader import Batch, DataPosition, ShardReader, list_shards, read_manifest  # noqa: E402
+from degla_scale.data.reader import (  # noqa: E402
+    Batch, DataPosition, ShardReader, list_shards, peek_num_negatives, read_manifest,
+)
 from degla_scale.logs import RunLog, plot_loss_curves  # noqa: E402
-from degla_scale.models import DeGLAModel, build_model, image_transform, tokenizer  # noqa: E402
+from degla_scale.models import MAX_LOGIT_SCALE, DeGLAModel, build_model, image_transform, tokenizer  # noqa: E402
 from degla_scale.objective import DeGLALoss, degla_loss  # noqa: E402
 from degla_scale.teacher import EMATeacher  # noqa: E402
 
@@ -37,12 +39,7 @@ def check_data(cfg: Config) -> int:
     """Validate shards against the config before any process group starts; return samples per epoch."""
     shards = list_shards(cfg.data.train_shards)
     manifest = read_manifest(cfg.data.train_shards) or {}
-    if "num_negatives" in manifest:
-        data_k = manifest["num_negatives"]
-    else:
-        from degla_scale.data.reader import peek_num_negatives
-
-        data_k = peek_num_negatives(shards)
+    data_k = manifest["num_negatives"] if "num_negatives" in manifest else peek_num_negatives(shards)
     k = cfg.data.num_negatives
     if k not in (0, data_k):
         raise ConfigError(f"data.num_negatives={k} but the shards in {cfg.data.train_shards} hold {data_k} "
@@ -123,12 +120,12 @@ def setup(cfg: Config) -> Run:
     rank, world = D.rank(), D.world_size()
     from deepspeed.accelerator import get_accelerator
 
-    if accelerator.configure() == "cpu":  # share the cores between the ranks on this machine
+    if accelerator.configure() == "cuda":
+        device = torch.device(get_accelerator().device_name(), get_accelerator().current_device())
+    else:  # share the cores between the ranks on this machine
+        device = torch.device("cpu")
         local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-
-    device = torch.device(get_accelerator().device_name(), get_accelerator().current_device()) \
-        if accelerator.configure() == "cuda" else torch.device("cpu")
     bf16 = cfg.zero.precision == "bf16" or (cfg.zero.precision == "auto" and device.type == "cuda")
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -241,20 +238,21 @@ def _log_record(run: Run, terms_sum: torch.Tensor, n: int, samples: int, seconds
     terms = (terms_sum / (n * D.world_size())).tolist()
     record = {"step": run.step, "epoch": run.position.epoch, "lr": run.engine.get_lr()[0]}
     record.update({f"loss.{t}": v for t, v in zip(LOSS_TERMS, terms)})
-    record["scale"] = float(run.engine.module.clip.logit_scale.detach().float().clamp(max=math.log(100)).exp().item())
+    record["scale"] = float(run.engine.module.clip.logit_scale.detach().float().clamp(max=MAX_LOGIT_SCALE).exp().item())
     record["samples_per_s"] = samples * D.world_size() / max(seconds, 1e-9)
-    rejected = [run.position.rejected]
-    if D.is_dist():
-        rejected = [None] * D.world_size()
-        dist.all_gather_object(rejected, run.position.rejected)
-    record["rejected"] = dict(sum((Counter(r) for r in rejected), Counter()))
+    record["rejected"] = dict(sum((Counter(r) for r in _gather_objects(run.position.rejected)), Counter()))
     if run.cfg.logging.sample_ids:
-        all_keys = [keys]
-        if D.is_dist():
-            all_keys = [None] * D.world_size()
-            dist.all_gather_object(all_keys, keys)
-        record["sample_ids"] = all_keys
+        record["sample_ids"] = _gather_objects(keys)
     return record
+
+
+def _gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order (small, log-time data only)."""
+    if not D.is_dist():
+        return [obj]
+    out = [None] * D.world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def train(cfg: Config) -> dict:

@@ -81,10 +81,7 @@ class ShardStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        slots = self.world * workers
-        if len(self.shards) < slots:
-            raise DataError(f"{len(self.shards)} shards for {self.world} ranks × {workers} workers: "
-                            "make more, smaller shards or lower data.num_workers")
+        slots = self.world * workers  # ShardReader checked there are at least this many shards
         slot = self.rank * workers + worker
         for data_pass in range(1 << 30):
             order = list(self.shards)

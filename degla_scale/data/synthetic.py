@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import random
 from dataclasses import dataclass
 from multiprocessing import Pool
@@ -83,8 +84,6 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     if shape == "diamond":
         return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
     if shape == "star":
-        import math
-
         points = []
         for i in range(10):
             radius = r if i % 2 == 0 else r * 0.45
