@@ -9,6 +9,7 @@ install_requires = [
     "open_clip_torch>=3.0",
     "deepspeed>=0.16",
     "webdataset>=0.2.90",
+    "braceexpand",  # imported directly by the shard lister
     "mosaicml-streaming>=0.11",
     "hydra-core>=1.3",
     "omegaconf>=2.3",
