@@ -1,6 +1,7 @@
 """Pick DeepSpeed's accelerator before DeepSpeed is imported anywhere (it reads DS_ACCELERATOR once)."""
 from __future__ import annotations
 
+import importlib
 import os
 
 
@@ -14,4 +15,13 @@ def configure() -> str:
 
 
 def dist_backend() -> str:
-    return "nccl" if configure() == "cuda" else "gloo"
+    """The process-group backend; on CPU also stops DeepSpeed compiling its shared-memory op."""
+    if configure() == "cuda":
+        return "nccl"
+    # DeepSpeed JIT-compiles a shared-memory all-reduce (~40 s with gcc, once per machine) when its
+    # comm backend starts; only tensor-parallel inference calls it, training on CPU runs on gloo.
+    # (by module path: `import deepspeed.comm.torch as m` yields plain torch, re-exported by deepspeed.comm)
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(ds_comm_torch, "build_shm_op"):
+        ds_comm_torch.build_shm_op = lambda: None
+    return "gloo"

@@ -122,10 +122,11 @@ def setup(cfg: Config) -> Run:
 
     if accelerator.configure() == "cuda":
         device = torch.device(get_accelerator().device_name(), get_accelerator().current_device())
-    else:  # share the cores between the ranks on this machine
+    else:  # share the cores between the ranks on this machine, leaving one per data worker:
+        # oversubscribed cores make OpenMP threads spin-wait, which costs more than a thread gains
         device = torch.device("cpu")
         local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world - cfg.data.num_workers))
     bf16 = cfg.zero.precision == "bf16" or (cfg.zero.precision == "auto" and device.type == "cuda")
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
