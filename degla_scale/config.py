@@ -67,12 +67,15 @@ class ObjectiveConfig:
     """Weight of the summed squared distance to the EMA teacher's embeddings; 0 skips it."""
     tgc_scale: float = 10.0
     """Fixed temperature τ of the text-grounded contrast."""
+    backend: str = "auto"
+    """Loss implementation: triton (fused kernels, no B×N logits), torch (eager), auto (triton on CUDA)."""
 
     def __post_init__(self):
         for name in ("igc_weight", "tgc_weight", "distill_weight"):
             value = getattr(self, name)
             _check(value >= 0 and math.isfinite(value), f"objective.{name}={value} must be a finite number >= 0")
         _check(self.tgc_scale > 0, f"objective.tgc_scale={self.tgc_scale} must be > 0 (the paper uses 10)")
+        _check(self.backend in ("auto", "torch", "triton"), f"objective.backend={self.backend!r} must be auto, torch or triton")
 
     @property
     def needs_teacher(self) -> bool:

@@ -13,10 +13,17 @@ Shape legend (per rank unless said otherwise):
 Every term is a mean over this rank's rows except distillation (a sum over them). With W ranks the
 global term uses features all-gathered *with gradient*, so after the usual gradient averaging across
 ranks the optimizer sees exactly the one-process gradient of the whole batch.
+
+Two implementations share this interface: eager PyTorch here (explicit [b, B(1+K)] logits) and the
+fused Triton kernels of `kernels.clip_loss` / `kernels.grounded_loss` (`backend="triton"`; the
+default `auto` uses them on CUDA). With the kernels, gradients flow through `total` only: the
+unweighted grounded terms are reported values.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -103,12 +110,17 @@ def degla_loss(
     distill_weight: float = 0.005,
     tgc_scale: float = 10.0,
     group: dist.ProcessGroup | None = None,
+    backend: str = "auto",
 ) -> DeGLALoss:
     """L = L_clip + w_igc·L_igc + w_tgc·L_tgc + w_distill·L_distill (DESIGN.md §2).
 
     `scale` is the exponentiated logit scale (0-dim or shape [1]). A zero weight skips its term, so
-    the teacher embeddings may be None when `tgc_weight == distill_weight == 0`.
+    the teacher embeddings may be None when `tgc_weight == distill_weight == 0`. `backend`: "torch",
+    "triton" or "auto" (Triton for CUDA tensors).
     """
+    if _use_triton(backend, img_BD):
+        return _degla_loss_triton(img_BD, txt_ND, scale, t_img_BD, t_txt_ND, num_negatives, igc_weight, tgc_weight,
+                                  distill_weight, tgc_scale, group)
     dtype = _compute_dtype(img_BD)
     img_BD, txt_ND, scale = img_BD.to(dtype), txt_ND.to(dtype), scale.to(dtype).reshape(())
     b, K = img_BD.shape[0], num_negatives
@@ -131,6 +143,37 @@ def degla_loss(
     distill = distill_loss(img_BD, txt_ND, t_img_BD, t_txt_ND) if distill_weight != 0 else zero
     total = clip + igc_weight * igc + tgc_weight * tgc + distill_weight * distill
     return DeGLALoss(total=total, clip=clip, igc=igc, tgc=tgc, distill=distill)
+
+
+def _use_triton(backend: str, x: torch.Tensor) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if backend != "triton":
+        raise ValueError(f"backend={backend!r} is not one of auto, torch, triton")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' with CPU tensors needs TRITON_INTERPRET=1 set before triton is imported "
+                         "(Triton's interpreter); use backend='torch' or 'auto' on CPU")
+    return True
+
+
+def _degla_loss_triton(img_BD, txt_ND, scale, t_img_BD, t_txt_ND, K, igc_weight, tgc_weight, distill_weight,
+                       tgc_scale, group) -> DeGLALoss:
+    from kernels.clip_loss import clip_loss
+    from kernels.grounded_loss import grounded_loss
+
+    b, D = img_BD.shape
+    pos_BD, neg_BKD = split_captions(txt_ND, b, K)
+    rank, world = _rank_world(group)
+    columns_CD = torch.cat([all_gather_with_grad(pos_BD, group), all_gather_with_grad(neg_BKD.reshape(-1, D), group)])
+    clip = clip_loss(img_BD, columns_CD, scale, num_pos=world * b, row_offset=rank * b, group=group)
+    if igc_weight == tgc_weight == distill_weight == 0:
+        zero = clip.new_zeros(())
+        return DeGLALoss(total=clip, clip=clip, igc=zero, tgc=zero, distill=zero)
+    grounded, igc, tgc, distill = grounded_loss(img_BD, txt_ND, scale, t_img_BD, t_txt_ND, K, igc_weight, tgc_weight,
+                                                distill_weight, tgc_scale)
+    return DeGLALoss(total=clip + grounded, clip=clip, igc=igc, tgc=tgc, distill=distill)
 
 
 def _rank_world(group: dist.ProcessGroup | None) -> tuple[int, int]:

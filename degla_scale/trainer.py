@@ -169,7 +169,7 @@ def forward_backward(run: Run, batch: Batch) -> DeGLALoss:
     obj = run.cfg.objective
     out = degla_loss(img_BD, txt_ND, scale, t_img_BD, t_txt_ND, num_negatives=run.cfg.data.num_negatives,
                      igc_weight=obj.igc_weight, tgc_weight=obj.tgc_weight, distill_weight=obj.distill_weight,
-                     tgc_scale=obj.tgc_scale)
+                     tgc_scale=obj.tgc_scale, backend=obj.backend)
     run.engine.backward(out.total)
     return out
 

@@ -1,0 +1,108 @@
+"""Per-sample IGC + TGC + distillation: fused Triton kernel vs eager and torch.compile.
+
+    python benchmarks/bench_grounded_loss.py              # GPU: b ∈ {1024, 4096, 16384}, K=4, D ∈ {512, 768, 1024}
+    TRITON_INTERPRET=1 python benchmarks/bench_grounded_loss.py --tiny   # CPU smoke run
+
+The kernel is bandwidth-bound: it reads the student and teacher rows of every sample once and writes
+their gradients. Effective bandwidth = those bytes / (forward + backward time), reported against the
+device's copy bandwidth measured in the same run (a large device-to-device clone).
+Rows are appended to benchmarks/results/grounded_loss.csv, and a plot is written beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import (RESULTS, append_rows, environment, peak_memory_mib, plot_p50,  # noqa: E402
+                               saved_for_backward_mib, time_phases)
+from kernels.grounded_loss import grounded_loss, grounded_loss_ref  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WEIGHTS = (0.1, 0.1, 0.005)  # igc, tgc, distill: the paper's
+
+
+def copy_bandwidth_gbs(device: str, mib: int) -> float:
+    """Read + write bytes per second of a large clone: the practical ceiling for a bandwidth-bound kernel."""
+    x = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+    best = float("inf")
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        x.clone()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * x.numel() / best / 1e9
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--B", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--K", type=int, nargs="+", default=[4])
+    parser.add_argument("--D", type=int, nargs="+", default=[512, 768, 1024])
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run: b ∈ {16, 32}, K=2, D=32, 3 reps")
+    parser.add_argument("--out", default="grounded_loss", help="result name under benchmarks/results/")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.B, args.K, args.D, args.reps = [16, 32], [2], [32], 3
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("no GPU: set TRITON_INTERPRET=1 (before Python starts) to run the kernel under Triton's interpreter")
+    dtype = DTYPES[args.dtype]
+    env = environment()
+    ceiling = copy_bandwidth_gbs(device, 1024 if on_gpu else 64)
+    print(f"copy bandwidth: {ceiling:.1f} GB/s")
+    impls = {"fused": grounded_loss, "eager": lambda *a: grounded_loss_ref(*a, upcast=False)}
+    if on_gpu:
+        impls["compile"] = torch.compile(lambda *a: grounded_loss_ref(*a, upcast=False))
+    rows = []
+    for K in args.K:
+        for D in args.D:
+            for b in args.B:
+                N = b * (1 + K)
+
+                def make_inputs():
+                    g = torch.Generator(device=device).manual_seed(0)
+                    rand = lambda n: torch.nn.functional.normalize(torch.randn(n, D, device=device, generator=g), dim=-1).to(dtype)  # noqa: E731
+                    return (rand(b).requires_grad_(True), rand(N).requires_grad_(True),
+                            torch.tensor(14.3, device=device, requires_grad=True), rand(b), rand(N))
+                # student + teacher rows read once, their gradients written once
+                moved = (2 * (b + N) * D + (b + N) * D) * torch.finfo(dtype).bits // 8
+                for name, fn in impls.items():
+                    loss = lambda img, txt, s, ti, tt, fn=fn: fn(img, txt, s, ti, tt, K, *WEIGHTS)[0]  # noqa: E731
+                    try:
+                        times = time_phases(make_inputs, loss, args.reps)
+                        memory = peak_memory_mib(make_inputs, loss)
+                        saved = saved_for_backward_mib(make_inputs, loss)
+                    except torch.OutOfMemoryError:
+                        torch.cuda.empty_cache()
+                        print(f"{name:>8} b={b} K={K} D={D}: out of memory")
+                        continue
+                    gbs = moved / (times["both"][1] * 1e-3) / 1e9
+                    row = {**env, "impl": name, "B": b, "K": K, "D": D, "dtype": args.dtype}
+                    for phase in ("fwd", "bwd", "both"):
+                        for q, v in zip(("p20", "p50", "p80"), times[phase]):
+                            row[f"{phase}_{q}_ms"] = round(v, 4)
+                    row.update(gbs=round(gbs, 2), copy_gbs=round(ceiling, 1), pct_copy_bw=round(100 * gbs / ceiling, 1),
+                               peak_mem_mib=round(memory, 1) if memory is not None else "", saved_mib=round(saved, 3))
+                    rows.append(row)
+                    print(f"{name:>8} b={b:>5} K={K} D={D:>4}: fwd+bwd p50 {row['both_p50_ms']:9.3f} ms  {gbs:8.1f} GB/s "
+                          f"({row['pct_copy_bw']}% of copy)  peak {row['peak_mem_mib'] or 'n/a'} MiB", flush=True)
+    path = append_rows(args.out, rows)
+    plot = plot_p50(rows, RESULTS / f"{args.out}.png", f"grounded terms (IGC+TGC+distill), {args.dtype} — {env['device']}", ("K", "D"))
+    print(f"results: {path}\nplot: {plot}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

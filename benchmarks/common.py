@@ -1,0 +1,143 @@
+"""Shared benchmark plumbing: timing percentiles, memory, the environment line, CSV rows, plots.
+
+Every result row carries the device name, torch/triton versions, date and the exact command, so a CSV
+in benchmarks/results/ says where each number came from.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+# Dense bf16 tensor-core peak, TFLOP/s (vendor datasheets; SXM unless named).
+BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores)" + (", Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "")
+
+
+def bf16_peak_tflops() -> float | None:
+    name = device_name()
+    for key in sorted(BF16_PEAK_TFLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
+        if key in name:
+            return BF16_PEAK_TFLOPS[key]
+    return None
+
+
+def environment() -> dict:
+    import triton
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def percentiles(samples_ms: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(samples_ms, n=10, method="inclusive") if len(samples_ms) > 1 else samples_ms * 9
+    return q[1], statistics.median(samples_ms), q[7]  # p20, p50, p80
+
+
+def time_phases(make_inputs: Callable, loss_fn: Callable, reps: int, warmup: int = 2) -> dict[str, tuple]:
+    """p20/p50/p80 in ms of forward, backward and both, each rep on fresh leaf inputs."""
+    fwd, bwd, both = [], [], []
+    for rep in range(warmup + reps):
+        args = make_inputs()
+        _sync()
+        t0 = time.perf_counter()
+        loss = loss_fn(*args)
+        _sync()
+        t1 = time.perf_counter()
+        loss.backward()
+        _sync()
+        t2 = time.perf_counter()
+        if rep >= warmup:
+            fwd.append((t1 - t0) * 1e3)
+            bwd.append((t2 - t1) * 1e3)
+            both.append((t2 - t0) * 1e3)
+        del loss, args
+    return {"fwd": percentiles(fwd), "bwd": percentiles(bwd), "both": percentiles(both)}
+
+
+def peak_memory_mib(make_inputs: Callable, loss_fn: Callable) -> float | None:
+    """Incremental peak GPU memory of one forward + backward above the inputs (None on CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    args = make_inputs()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss_fn(*args).backward()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def saved_for_backward_mib(make_inputs: Callable, loss_fn: Callable) -> float:
+    """Bytes autograd keeps between forward and backward (any device): the O(B·N) vs O((B+N)·D) test."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+    args = make_inputs()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn(*args)
+    return sum(sizes) / 2**20
+
+
+def append_rows(name: str, rows: list[dict]) -> Path:
+    path = RESULTS / f"{name}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(rows[0])
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def plot_p50(rows: list[dict], path: Path, title: str, panel_keys: tuple[str, ...], x_key: str = "B") -> Path:
+    """One panel per combination of `panel_keys`; p50 of forward+backward per implementation with its p20–p80 band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({tuple(r[k] for k in panel_keys) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        mine = [r for r in rows if tuple(r[k] for k in panel_keys) == panel and r["both_p50_ms"] != ""]
+        for impl in sorted({r["impl"] for r in mine}):
+            pts = sorted((r[x_key], r["both_p20_ms"], r["both_p50_ms"], r["both_p80_ms"]) for r in mine if r["impl"] == impl)
+            xs = [p[0] for p in pts]
+            ax.plot(xs, [p[2] for p in pts], marker="o", label=impl)
+            ax.fill_between(xs, [p[1] for p in pts], [p[3] for p in pts], alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(x_key)
+        ax.set_ylabel("forward + backward, ms (p50, p20–p80)")
+        ax.set_title(", ".join(f"{k}={v}" for k, v in zip(panel_keys, panel)))
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
