@@ -57,7 +57,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: B ∈ {16, 32}, K ∈ {0, 2}, D=32, 3 reps")
-    parser.add_argument("--out", default="clip_loss", help="result name under benchmarks/results/")
+    parser.add_argument("--out", default="clip_loss", help="result file name (CSV and PNG)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the results")
     args = parser.parse_args(argv)
     if args.tiny:
         args.B, args.K, args.D, args.reps = [16, 32], [0, 2], [32], 3
@@ -95,13 +96,13 @@ def main(argv=None) -> list[dict]:
                     for phase in ("fwd", "bwd", "both"):
                         for q, v in zip(("p20", "p50", "p80"), times[phase]):
                             row[f"{phase}_{q}_ms"] = round(v, 4)
-                    row.update(tflops=round(tflops, 3), pct_bf16_peak=round(100 * tflops / peak, 1) if peak else "",
+                    row.update(tflops=float(f"{tflops:.4g}"), pct_bf16_peak=round(100 * tflops / peak, 1) if peak else "",
                                peak_mem_mib=round(memory, 1) if memory is not None else "", saved_mib=round(saved, 3))
                     rows.append(row)
                     print(f"{name:>9} B={B:>5} K={K} D={D:>4}: fwd+bwd p50 {row['both_p50_ms']:9.3f} ms  "
-                          f"{tflops:7.2f} TFLOP/s  peak {row['peak_mem_mib'] or 'n/a'} MiB  saved {saved:.2f} MiB", flush=True)
-    path = append_rows(args.out, rows)
-    plot = plot_p50(rows, RESULTS / f"{args.out}.png", f"global contrastive loss, {args.dtype} — {env['device']}", ("K", "D"))
+                          f"{tflops:9.4g} TFLOP/s  peak {row['peak_mem_mib'] or 'n/a'} MiB  saved {saved:.2f} MiB", flush=True)
+    path = append_rows(args.results / f"{args.out}.csv", rows)
+    plot = plot_p50(rows, args.results / f"{args.out}.png", f"global contrastive loss, {args.dtype} — {env['device']}", ("K", "D"))
     print(f"results: {path}\nplot: {plot}")
     return rows
 

@@ -50,7 +50,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: b ∈ {16, 32}, K=2, D=32, 3 reps")
-    parser.add_argument("--out", default="grounded_loss", help="result name under benchmarks/results/")
+    parser.add_argument("--out", default="grounded_loss", help="result file name (CSV and PNG)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the results")
     args = parser.parse_args(argv)
     if args.tiny:
         args.B, args.K, args.D, args.reps = [16, 32], [2], [32], 3
@@ -93,13 +94,13 @@ def main(argv=None) -> list[dict]:
                     for phase in ("fwd", "bwd", "both"):
                         for q, v in zip(("p20", "p50", "p80"), times[phase]):
                             row[f"{phase}_{q}_ms"] = round(v, 4)
-                    row.update(gbs=round(gbs, 2), copy_gbs=round(ceiling, 1), pct_copy_bw=round(100 * gbs / ceiling, 1),
+                    row.update(gbs=float(f"{gbs:.4g}"), copy_gbs=round(ceiling, 1), pct_copy_bw=round(100 * gbs / ceiling, 2),
                                peak_mem_mib=round(memory, 1) if memory is not None else "", saved_mib=round(saved, 3))
                     rows.append(row)
-                    print(f"{name:>8} b={b:>5} K={K} D={D:>4}: fwd+bwd p50 {row['both_p50_ms']:9.3f} ms  {gbs:8.1f} GB/s "
+                    print(f"{name:>8} b={b:>5} K={K} D={D:>4}: fwd+bwd p50 {row['both_p50_ms']:9.3f} ms  {gbs:9.4g} GB/s "
                           f"({row['pct_copy_bw']}% of copy)  peak {row['peak_mem_mib'] or 'n/a'} MiB", flush=True)
-    path = append_rows(args.out, rows)
-    plot = plot_p50(rows, RESULTS / f"{args.out}.png", f"grounded terms (IGC+TGC+distill), {args.dtype} — {env['device']}", ("K", "D"))
+    path = append_rows(args.results / f"{args.out}.csv", rows)
+    plot = plot_p50(rows, args.results / f"{args.out}.png", f"grounded terms (IGC+TGC+distill), {args.dtype} — {env['device']}", ("K", "D"))
     print(f"results: {path}\nplot: {plot}")
     return rows
 

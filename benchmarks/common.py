@@ -41,7 +41,8 @@ def environment() -> dict:
 
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+            "command": " ".join(["TRITON_INTERPRET=1"] * (os.environ.get("TRITON_INTERPRET") == "1") +
+                                ["python", *sys.argv])}
 
 
 def _sync():
@@ -101,8 +102,7 @@ def saved_for_backward_mib(make_inputs: Callable, loss_fn: Callable) -> float:
     return sum(sizes) / 2**20
 
 
-def append_rows(name: str, rows: list[dict]) -> Path:
-    path = RESULTS / f"{name}.csv"
+def append_rows(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(rows[0])
     new = not path.exists()

@@ -44,6 +44,7 @@ BAD_CASES = {
     "wrong type": ("", ["optim.lr=fast"], "optim.lr"),
     "wrong type in file": ("data:\n  batch_size: many\n", [], "data.batch_size"),
     "bad value": ("", ["zero.stage=5"], "zero.stage=5"),
+    "unknown loss backend": ("", ["objective.backend=cuda"], "objective.backend='cuda'"),
     "not key=value": ("", ["--lr"], "'--lr'"),
 }
 
