@@ -5,7 +5,8 @@
 
 Per (implementation, B, K, D): forward, backward and both at p20/p50/p80 (ms); effective TFLOP/s
 counted as 8·B·N·D per forward+backward (N = B·(1+K) texts; forward 2BND, backward 6BND) and as % of the
-GPU's dense bf16 peak; incremental peak memory (GPU) and the bytes saved for backward (any device).
+GPU's dense bf16 peak; peak GPU memory above the inputs, and above inputs + gradients (the working
+memory of the loss itself); the bytes saved for backward (any device).
 Rows are appended to benchmarks/results/clip_loss.csv, and a plot is written beside it.
 """
 from __future__ import annotations
@@ -85,7 +86,7 @@ def main(argv=None) -> list[dict]:
                         fn = (lambda f: lambda img, txt, s: f(img, txt[:img.shape[0]], s))(fn)
                     try:
                         times = time_phases(make_inputs, fn, args.reps)
-                        memory = peak_memory_mib(make_inputs, fn)
+                        memory, working = peak_memory_mib(make_inputs, fn)
                         saved = saved_for_backward_mib(make_inputs, fn)
                     except torch.OutOfMemoryError:
                         torch.cuda.empty_cache()
@@ -97,7 +98,8 @@ def main(argv=None) -> list[dict]:
                         for q, v in zip(("p20", "p50", "p80"), times[phase]):
                             row[f"{phase}_{q}_ms"] = round(v, 4)
                     row.update(tflops=float(f"{tflops:.4g}"), pct_bf16_peak=round(100 * tflops / peak, 1) if peak else "",
-                               peak_mem_mib=round(memory, 1) if memory is not None else "", saved_mib=round(saved, 3))
+                               peak_mem_mib=round(memory, 1) if memory is not None else "",
+                               working_mem_mib=round(working, 1) if working is not None else "", saved_mib=round(saved, 3))
                     rows.append(row)
                     print(f"{name:>9} B={B:>5} K={K} D={D:>4}: fwd+bwd p50 {row['both_p50_ms']:9.3f} ms  "
                           f"{tflops:9.4g} TFLOP/s  peak {row['peak_mem_mib'] or 'n/a'} MiB  saved {saved:.2f} MiB", flush=True)

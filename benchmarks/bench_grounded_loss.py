@@ -83,7 +83,7 @@ def main(argv=None) -> list[dict]:
                     loss = lambda img, txt, s, ti, tt, fn=fn: fn(img, txt, s, ti, tt, K, *WEIGHTS)[0]  # noqa: E731
                     try:
                         times = time_phases(make_inputs, loss, args.reps)
-                        memory = peak_memory_mib(make_inputs, loss)
+                        memory, working = peak_memory_mib(make_inputs, loss)
                         saved = saved_for_backward_mib(make_inputs, loss)
                     except torch.OutOfMemoryError:
                         torch.cuda.empty_cache()
@@ -95,7 +95,8 @@ def main(argv=None) -> list[dict]:
                         for q, v in zip(("p20", "p50", "p80"), times[phase]):
                             row[f"{phase}_{q}_ms"] = round(v, 4)
                     row.update(gbs=float(f"{gbs:.4g}"), copy_gbs=round(ceiling, 1), pct_copy_bw=round(100 * gbs / ceiling, 2),
-                               peak_mem_mib=round(memory, 1) if memory is not None else "", saved_mib=round(saved, 3))
+                               peak_mem_mib=round(memory, 1) if memory is not None else "",
+                               working_mem_mib=round(working, 1) if working is not None else "", saved_mib=round(saved, 3))
                     rows.append(row)
                     print(f"{name:>8} b={b:>5} K={K} D={D:>4}: fwd+bwd p50 {row['both_p50_ms']:9.3f} ms  {gbs:9.4g} GB/s "
                           f"({row['pct_copy_bw']}% of copy)  peak {row['peak_mem_mib'] or 'n/a'} MiB", flush=True)

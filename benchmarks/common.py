@@ -76,17 +76,23 @@ def time_phases(make_inputs: Callable, loss_fn: Callable, reps: int, warmup: int
     return {"fwd": percentiles(fwd), "bwd": percentiles(bwd), "both": percentiles(both)}
 
 
-def peak_memory_mib(make_inputs: Callable, loss_fn: Callable) -> float | None:
-    """Incremental peak GPU memory of one forward + backward above the inputs (None on CPU)."""
+def peak_memory_mib(make_inputs: Callable, loss_fn: Callable) -> tuple[float, float] | tuple[None, None]:
+    """GPU memory of one forward + backward: (peak above the inputs, peak above inputs + their gradients).
+
+    The first counts the gradients every implementation must produce; the second is the working memory
+    the loss itself needs (logits for eager, tiles and chunks for the kernel). (None, None) on CPU."""
     if not torch.cuda.is_available():
-        return None
+        return None, None
     args = make_inputs()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss_fn(*args).backward()
+    loss = loss_fn(*args)
+    loss.backward()
+    del loss
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    peak, after = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+    return (peak - base) / 2**20, (peak - after) / 2**20
 
 
 def saved_for_backward_mib(make_inputs: Callable, loss_fn: Callable) -> float:

@@ -16,7 +16,8 @@ and then over ranks (a [W, B] all-gather), so the t2i LSE covers every image of 
 Backward recomputes S in column chunks: a Triton kernel turns each S tile straight into dS (softmax of
 the row plus, on positive columns, softmax of the column) and its share of d(scale); two GEMMs per
 chunk then give dI and dT. Memory: the saved tensors are the inputs plus b + B LSEs, O((b + C)·D);
-the only transient is one dS chunk of b × `chunk_columns`.
+the transients are one dS chunk of b × `chunk_columns` (by default sized to `CHUNK_BYTES`) and an
+fp32 [b, D] accumulator for dI.
 
 Multi-rank: rank r differentiates the t2i terms of *every* positive column through its own image rows,
 so its gradients are not ∂L_r but their sum over ranks is ∂(Σ_r L_r): after the all-gather's
@@ -47,6 +48,7 @@ def _configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in shapes]
 
 
+CHUNK_BYTES = 8 * 2**20  # default dS chunk: enough columns per GEMM to keep tensor cores busy, little memory
 MIN_BLOCK = min(min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _configs())  # sizes per-block buffers
 
 
@@ -169,7 +171,8 @@ class _ClipLSE(torch.autograd.Function):
         b, D = img_BD.shape
         C = txt_CD.shape[0]
         coef = float(grad_out) / (2 * b)
-        chunk = max(MIN_BLOCK, min(C, chunk_columns))
+        chunk = chunk_columns or CHUNK_BYTES // (b * img_BD.element_size())
+        chunk = max(MIN_BLOCK, min(C, chunk))
         grad_img_BD = torch.zeros(b, D, device=img_BD.device, dtype=torch.float32)
         grad_txt_CD = torch.empty(txt_CD.shape, device=txt_CD.device, dtype=txt_CD.dtype)
         ds_chunk = torch.empty(b, chunk, device=img_BD.device, dtype=img_BD.dtype)
@@ -192,7 +195,7 @@ class _ClipLSE(torch.autograd.Function):
 
 
 def clip_loss(img_BD: torch.Tensor, txt_CD: torch.Tensor, scale: torch.Tensor, num_pos: int, row_offset: int = 0,
-              group: dist.ProcessGroup | None = None, chunk_columns: int = 8192, deterministic: bool = False,
+              group: dist.ProcessGroup | None = None, chunk_columns: int | None = None, deterministic: bool = False,
               allow_tf32: bool = False) -> torch.Tensor:
     """This rank's (L_i2t + L_t2i) / 2 without a [b, C] logits matrix.
 

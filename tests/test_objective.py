@@ -173,18 +173,22 @@ def test_low_precision_inputs_upcast():
 # ---- the fused Triton backend (interpreted on CPU) against the same float64 reference
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, the interpreter otherwise
+
+
 def check_triton_against_reference(b, K, D, scale=14.3, inputs=None, **weights):
-    inputs32 = [x.float() for x in (inputs or make_inputs(b, K, D, scale))]
+    inputs32 = [x.float().to(DEVICE) for x in (inputs or make_inputs(b, K, D, scale))]
     ref_weights = {"w_igc": weights.get("igc_weight", 0.1), "w_tgc": weights.get("tgc_weight", 0.1),
                    "w_distill": weights.get("distill_weight", 0.005)}
     got, got_grads = losses_and_grads(ours(K, backend="triton", **weights), *inputs32)
-    want, want_grads = losses_and_grads(lambda *a: reference_loss(*a, K, **ref_weights), *[x.double() for x in inputs32])
+    want, want_grads = losses_and_grads(lambda *a: reference_loss(*a, K, **ref_weights),
+                                        *[x.double().cpu() for x in inputs32])
     for term in TERMS:
         expected = want[term] if term in ("total", "clip") or weights.get(f"{term}_weight", 1) != 0 else 0.0
-        torch.testing.assert_close(got[term].double(), torch.as_tensor(expected, dtype=torch.float64),
+        torch.testing.assert_close(got[term].double().cpu(), torch.as_tensor(expected, dtype=torch.float64),
                                    rtol=2e-5, atol=1e-6, msg=f"term {term}")
     for name, g, w in zip(("img", "txt", "scale"), got_grads, want_grads):
-        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=2e-6, msg=f"grad {name}")
+        torch.testing.assert_close(g.double().cpu(), w, rtol=1e-4, atol=2e-6, msg=f"grad {name}")
 
 
 @pytest.mark.parametrize("b,K,D", [(8, 4, 16), (5, 3, 7), (1, 4, 8), (6, 0, 12), (3, 5, 33)])
@@ -207,11 +211,11 @@ def test_triton_backend_scale_100_and_duplicate_captions():
 
 def test_triton_backend_groups_each_sample_with_its_own_negatives():
     b, K, D, s = 5, 3, 8, 10.0
-    eye = torch.eye(D)
+    eye = torch.eye(D, device=DEVICE)
     img = eye[:b].clone()
     neg_BKD = torch.stack([unit(eye[:b].sum(0) - eye[j]).expand(K, D) for j in range(b)])
     txt = torch.cat([img, neg_BKD.reshape(b * K, D)])
-    out = degla_loss(img, txt, torch.tensor(s), img, txt, num_negatives=K, tgc_scale=s, backend="triton")
+    out = degla_loss(img, txt, torch.tensor(s, device=DEVICE), img, txt, num_negatives=K, tgc_scale=s, backend="triton")
     expected = math.log(1 + K * math.exp(-s))  # 1.4e-4; fp32's log(1.00014) is good to ~1e-7 absolute
     assert out.igc.item() == pytest.approx(expected, abs=1e-6)  # another sample's negatives: off by > 1e-3
     assert out.tgc.item() == pytest.approx(expected, abs=1e-6)
@@ -219,7 +223,7 @@ def test_triton_backend_groups_each_sample_with_its_own_negatives():
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     img, txt, scale, t_img, t_txt = (x.float() for x in make_inputs(2, 1, 8))
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         degla_loss(img, txt, scale, t_img, t_txt, num_negatives=1, backend="triton")
     with pytest.raises(ValueError, match="backend='cuda'"):

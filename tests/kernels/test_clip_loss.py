@@ -10,6 +10,7 @@ import torch
 from kernels.clip_loss import clip_loss
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, the interpreter otherwise
 
 
 def reference_f64(img, txt, scale, B, offset=0, all_img=None):
@@ -27,7 +28,7 @@ def eager(img, txt, scale, B):
     """What a PyTorch user writes, kept in the input dtype (the error baseline)."""
     b = img.shape[0]
     logits = scale * img @ txt.T
-    targets = torch.arange(b)
+    targets = torch.arange(b, device=img.device)
     return (torch.nn.functional.cross_entropy(logits, targets) +
             torch.nn.functional.cross_entropy(scale * txt[:B] @ img.T, targets)) / 2
 
@@ -40,7 +41,7 @@ def inputs(b, K, D, dtype, scale=14.3, seed=0):
     g = torch.Generator().manual_seed(seed)
     img = unit(torch.randn(b, D, generator=g, dtype=torch.float64)).to(dtype)
     txt = unit(torch.randn(b * (1 + K), D, generator=g, dtype=torch.float64)).to(dtype)
-    return img, txt, torch.tensor(scale, dtype=dtype)
+    return img.to(DEVICE), txt.to(DEVICE), torch.tensor(scale, dtype=dtype, device=DEVICE)
 
 
 def loss_and_grads(fn, img, txt, scale):
@@ -81,7 +82,7 @@ def test_scale_100_fp32_tight():
 def nan_padded(x: torch.Tensor, pad_rows: int = 5, pad_cols: int = 7) -> torch.Tensor:
     """x as a view into a NaN-filled buffer with NaN rows around it and NaN columns past its end."""
     rows, cols = x.shape
-    buf = torch.full((rows + 2 * pad_rows, cols + pad_cols), float("nan"), dtype=x.dtype)
+    buf = torch.full((rows + 2 * pad_rows, cols + pad_cols), float("nan"), dtype=x.dtype, device=x.device)
     view = buf[pad_rows:pad_rows + rows, :cols]
     view.copy_(x)
     return view
@@ -137,3 +138,15 @@ def test_rejects_bad_arguments():
         clip_loss(img, txt, scale, num_pos=4, row_offset=3)
     with pytest.raises(ValueError, match="float64"):
         clip_loss(img.double(), txt.double(), scale, num_pos=4)
+
+
+@pytest.mark.gpu
+def test_compiled_kernel_at_training_size():
+    """On a GPU: the compiled kernel (autotuned tiles, several dS chunks) at a real batch, bf16."""
+    b, K, D = 1024, 4, 768
+    img, txt, scale = inputs(b, K, D, torch.bfloat16)
+    f64 = lambda i, t, s: eager(i.double(), t.double(), s.double(), b)  # noqa: E731  (explicit logits fit at this size)
+    want = loss_and_grads(f64, img, txt, scale)
+    got = loss_and_grads(lambda i, t, s: clip_loss(i, t, s, num_pos=b, chunk_columns=1024), img, txt, scale)
+    torch_result = loss_and_grads(lambda i, t, s: eager(i, t, s, b), img, txt, scale)
+    assert_within_twice_torch_error(got, torch_result, want, torch.bfloat16)

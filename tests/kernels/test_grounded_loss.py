@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kernels.grounded_loss import grounded_loss
-from test_clip_loss import DTYPES, assert_within_twice_torch_error, nan_padded, unit
+from test_clip_loss import DEVICE, DTYPES, assert_within_twice_torch_error, nan_padded, unit
 
 
 def reference_f64(img, txt, scale, t_img, t_txt, K, w_igc, w_tgc, w_distill, tau=10.0):
@@ -23,7 +23,7 @@ def eager(img, txt, scale, t_img, t_txt, K, w_igc, w_tgc, w_distill, tau=10.0):
     """The same in the input dtype, as a PyTorch user would write it (the error baseline)."""
     b, D = img.shape
     pos, neg = txt[:b], txt[b:].reshape(b, K, D)
-    zeros = torch.zeros(b, dtype=torch.long)
+    zeros = torch.zeros(b, dtype=torch.long, device=img.device)
     ce = torch.nn.functional.cross_entropy
     igc = ce(scale * torch.cat([(img * pos).sum(-1, keepdim=True), torch.einsum("bd,bkd->bk", img, neg)], 1), zeros)
     tgc = ce(tau * torch.cat([(pos * t_txt[:b]).sum(-1, keepdim=True), torch.einsum("bd,bkd->bk", pos, neg)], 1), zeros)
@@ -37,7 +37,7 @@ def inputs(b, K, D, dtype, seed=0):
     txt = unit(torch.randn(b * (1 + K), D, generator=g, dtype=torch.float64))
     t_img = unit(img + 0.3 * torch.randn(b, D, generator=g, dtype=torch.float64))
     t_txt = unit(txt + 0.3 * torch.randn(b * (1 + K), D, generator=g, dtype=torch.float64))
-    return [x.to(dtype) for x in (img, txt, torch.tensor(14.3, dtype=torch.float64), t_img, t_txt)]
+    return [x.to(DEVICE, dtype) for x in (img, txt, torch.tensor(14.3, dtype=torch.float64), t_img, t_txt)]
 
 
 def run(fn, img, txt, scale, t_img, t_txt, *args):
@@ -93,3 +93,13 @@ def test_teacher_needed_for_tgc_and_distill():
         grounded_loss(img, txt, scale, None, None, 1, 0.1, 0.1, 0.0)
     total, igc, _, _ = grounded_loss(img, txt, scale, None, None, 1, 0.1, 0.0, 0.0)  # IGC alone needs none
     torch.testing.assert_close(total, 0.1 * igc)
+
+
+@pytest.mark.gpu
+def test_compiled_kernel_at_training_size():
+    x = inputs(4096, 4, 768, torch.bfloat16)
+    want_terms, want_grads = run(eager, *[t.double() for t in x], 4, *WEIGHTS[0])  # vectorised float64
+    got_terms, got_grads = run(grounded_loss, *x, 4, *WEIGHTS[0])
+    torch_terms, torch_grads = run(eager, *x, 4, *WEIGHTS[0])
+    assert_within_twice_torch_error([got_terms[0], *got_grads], [torch_terms[0], *torch_grads],
+                                    [want_terms[0], *want_grads], torch.bfloat16)
