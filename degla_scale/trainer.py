@@ -113,8 +113,16 @@ class Run:
         return self.run_dir / "checkpoints"
 
 
+def preflight(cfg: Config) -> int:
+    """The checks that need no process group (data against config, loss backend against device) → samples."""
+    if cfg.objective.backend == "triton" and accelerator.configure() == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("objective.backend=triton needs CUDA (or TRITON_INTERPRET=1, Triton's slow CPU interpreter): "
+                          "use objective.backend=auto")
+    return check_data(cfg)
+
+
 def setup(cfg: Config) -> Run:
-    num_samples = check_data(cfg)
+    num_samples = preflight(cfg)
     D.ensure_launcher_env()
     deepspeed.init_distributed(dist_backend=accelerator.dist_backend())
     rank, world = D.rank(), D.world_size()

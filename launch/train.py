@@ -23,9 +23,9 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, overrides)
-        from degla_scale.trainer import check_data, train
+        from degla_scale.trainer import preflight, train
 
-        check_data(cfg)
+        preflight(cfg)
     except (ConfigError, DataError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
