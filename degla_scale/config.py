@@ -153,6 +153,8 @@ class LoggingConfig:
     """Show a progress bar on rank 0."""
     sample_ids: bool = False
     """Record the ids of the samples of every step in the JSONL (for resume checks)."""
+    telemetry: bool = True
+    """Add rank 0's GPU readings (NVML memory, utilisation, power, clocks; torch peak memory) to each record."""
 
     def __post_init__(self):
         _check(self.every >= 1, f"logging.every={self.every} must be >= 1")

@@ -31,6 +31,7 @@ from degla_scale.logs import RunLog, plot_loss_curves  # noqa: E402
 from degla_scale.models import MAX_LOGIT_SCALE, DeGLAModel, build_model, image_transform, tokenizer  # noqa: E402
 from degla_scale.objective import DeGLALoss, degla_loss  # noqa: E402
 from degla_scale.teacher import EMATeacher  # noqa: E402
+from degla_scale.telemetry import Telemetry  # noqa: E402
 
 LOSS_TERMS = ("total", "clip", "igc", "tgc", "distill")
 
@@ -101,6 +102,7 @@ class Run:
     input_dtype: torch.dtype
     steps_per_epoch: int
     total_steps: int
+    telemetry: Telemetry
     step: int = 0
     position: DataPosition | None = None
 
@@ -160,7 +162,7 @@ def setup(cfg: Config) -> Run:
     )
     log = RunLog(Path(cfg.run_dir), enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
     return Run(cfg, engine, teacher, reader, log, device, torch.bfloat16 if bf16 else torch.float32,
-               steps_per_epoch, total_steps, position=DataPosition())
+               steps_per_epoch, total_steps, Telemetry(device), position=DataPosition())
 
 
 # ---------------------------------------------------------------- the step
@@ -250,6 +252,8 @@ def _log_record(run: Run, terms_sum: torch.Tensor, n: int, samples: int, seconds
     record["scale"] = float(run.engine.module.clip.logit_scale.detach().float().clamp(max=MAX_LOGIT_SCALE).exp().item())
     record["samples_per_s"] = samples * D.world_size() / max(seconds, 1e-9)
     record["rejected"] = dict(sum((Counter(r) for r in _gather_objects(run.position.rejected)), Counter()))
+    if run.cfg.logging.telemetry:
+        record.update(run.telemetry.read())  # rank 0's GPU
     if run.cfg.logging.sample_ids:
         record["sample_ids"] = _gather_objects(keys)
     return record
