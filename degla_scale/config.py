@@ -137,10 +137,20 @@ class ZeroConfig:
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1, 2 or 3."""
     precision: str = "auto"
     """auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."""
+    offload_optimizer: str = "none"
+    """none, or cpu: fp32 master weights and Adam moments in (pinned) CPU memory, stepped by DeepSpeedCPUAdam (stage >= 1)."""
+    offload_params: str = "none"
+    """none, or cpu: stage-3 parameter partitions in CPU memory, fetched for each layer's use."""
 
     def __post_init__(self):
         _check(self.stage in (0, 1, 2, 3), f"zero.stage={self.stage} must be 0, 1, 2 or 3")
         _check(self.precision in ("auto", "bf16", "fp32"), f"zero.precision={self.precision!r} must be auto, bf16 or fp32")
+        for name in ("offload_optimizer", "offload_params"):
+            _check(getattr(self, name) in ("none", "cpu"), f"zero.{name}={getattr(self, name)!r} must be none or cpu")
+        _check(self.offload_optimizer == "none" or self.stage >= 1,
+               "zero.offload_optimizer=cpu needs zero.stage >= 1 (ZeRO-0 keeps the optimizer on the device)")
+        _check(self.offload_params == "none" or self.stage == 3,
+               f"zero.offload_params=cpu needs zero.stage=3, got stage {self.stage}")
 
 
 @dataclass

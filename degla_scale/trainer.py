@@ -51,11 +51,11 @@ def check_data(cfg: Config) -> int:
     return int(num_samples)
 
 
-def build_ds_config(cfg: Config, bf16: bool) -> dict:
+def build_ds_config(cfg: Config, bf16: bool, on_cuda: bool) -> dict:
     ds = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.schedule.grad_accum,
-        "zero_optimization": {"stage": cfg.zero.stage},
+        "zero_optimization": zero_section(cfg, on_cuda),
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
@@ -64,6 +64,19 @@ def build_ds_config(cfg: Config, bf16: bool) -> dict:
     if cfg.optim.grad_clip > 0:
         ds["gradient_clipping"] = cfg.optim.grad_clip
     return ds
+
+
+def zero_section(cfg: Config, on_cuda: bool) -> dict:
+    """DeepSpeed's zero_optimization block for the config's stage and offload choices."""
+    z = cfg.zero
+    section: dict = {"stage": z.stage}
+    if z.stage >= 1:
+        section.update(contiguous_gradients=True, overlap_comm=on_cuda)  # overlap needs CUDA streams
+    if z.offload_optimizer == "cpu":
+        section["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
+    if z.offload_params == "cpu":
+        section["offload_param"] = {"device": "cpu", "pin_memory": on_cuda}
+    return section
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, fused: bool) -> torch.optim.Optimizer:
@@ -75,6 +88,10 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, fused: bool) -> torch.o
         exempt = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
         (no_decay if exempt else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.zero.offload_optimizer == "cpu":  # the step runs on CPU tensors: DeepSpeed's vectorised Adam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                              **({"fused": True} if fused else {}))
 
@@ -154,7 +171,7 @@ def setup(cfg: Config) -> Run:
     optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule.warmup_steps, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_ds_config(cfg, bf16))
+                                           config=build_ds_config(cfg, bf16, device.type == "cuda"))
     reader = ShardReader(
         list_shards(cfg.data.train_shards), batch_size=cfg.data.batch_size, num_negatives=cfg.data.num_negatives,
         num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, rank=rank,

@@ -45,6 +45,8 @@ BAD_CASES = {
     "wrong type in file": ("data:\n  batch_size: many\n", [], "data.batch_size"),
     "bad value": ("", ["zero.stage=5"], "zero.stage=5"),
     "unknown loss backend": ("", ["objective.backend=cuda"], "objective.backend='cuda'"),
+    "param offload below stage 3": ("zero:\n  stage: 2\n", ["zero.offload_params=cpu"], "zero.offload_params=cpu"),
+    "optimizer offload at stage 0": ("", ["zero.offload_optimizer=cpu"], "zero.offload_optimizer=cpu"),
     "not key=value": ("", ["--lr"], "'--lr'"),
 }
 

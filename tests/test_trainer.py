@@ -80,18 +80,32 @@ def test_sigkill_and_relaunch_resumes(tmp_path, shards):
     assert (killed / "loss_curve.png").stat().st_size > 0
 
 
-@pytest.mark.slow
-def test_deepspeed_launcher_two_cpu_ranks_zero1(tmp_path, shards):
-    run_dir = tmp_path / "two"
+def launch_two_ranks(shards, run_dir, port, *extra):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    result = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", "29533", str(ROOT / "launch/train.py"),
-                             "--config", str(ROOT / "configs/tiny.yaml"), *overrides(shards, run_dir, steps=4),
-                             "zero.stage=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(ROOT / "launch/train.py"),
+                             "--config", str(ROOT / "configs/tiny.yaml"), *overrides(shards, run_dir, steps=4), *extra],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
-    recs = steps_of(run_dir)
+    return steps_of(run_dir)
+
+
+@pytest.fixture(scope="module")
+def zero0_two_ranks(shards, tmp_path_factory):
+    return launch_two_ranks(shards, tmp_path_factory.mktemp("zero0"), 29532, "zero.stage=0")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", [["zero.stage=1"], ["zero.stage=2", "zero.offload_optimizer=cpu"]], ids=["zero1", "zero2-offload"])
+def test_deepspeed_launcher_two_cpu_ranks(tmp_path, shards, zero0_two_ranks, preset):
+    """`deepspeed --num_gpus 2` on CPU: disjoint samples per rank, and the same loss curve as plain data parallelism."""
+    run_dir = tmp_path / "two"
+    recs = launch_two_ranks(shards, run_dir, 29533, *preset)
     assert sorted(recs) == [1, 2, 3, 4]
     start = [r for r in records(run_dir) if r.get("event") == "start"][0]
     assert start["world_size"] == 2
     ids = recs[1]["sample_ids"]
     assert len(ids) == 2 and not set(ids[0]) & set(ids[1])  # two ranks, disjoint samples
     assert (run_dir / "checkpoints/step00000004/data_rank1.json").is_file()
+    for step, r in recs.items():
+        assert r["sample_ids"] == zero0_two_ranks[step]["sample_ids"]
+        assert r["loss.total"] == pytest.approx(zero0_two_ranks[step]["loss.total"], rel=1e-5), step
