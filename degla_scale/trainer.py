@@ -140,11 +140,10 @@ def preflight(cfg: Config) -> int:
     return check_data(cfg)
 
 
-def setup(cfg: Config) -> Run:
-    num_samples = preflight(cfg)
+def init_runtime(cfg: Config) -> tuple[torch.device, bool]:
+    """Process group, this rank's device (and CPU thread share), and whether to train in bf16."""
     D.ensure_launcher_env()
     deepspeed.init_distributed(dist_backend=accelerator.dist_backend())
-    rank, world = D.rank(), D.world_size()
     from deepspeed.accelerator import get_accelerator
 
     if accelerator.configure() == "cuda":
@@ -152,26 +151,38 @@ def setup(cfg: Config) -> Run:
     else:  # share the cores between the ranks on this machine, leaving one per data worker:
         # oversubscribed cores make OpenMP threads spin-wait, which costs more than a thread gains
         device = torch.device("cpu")
-        local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
+        local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", D.world_size())))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world - cfg.data.num_workers))
     bf16 = cfg.zero.precision == "bf16" or (cfg.zero.precision == "auto" and device.type == "cuda")
+    return device, bf16
 
+
+def build_engine(cfg: Config, device: torch.device, bf16: bool, total_steps: int,
+                 load_weights: bool = True) -> tuple[deepspeed.DeepSpeedEngine, EMATeacher | None]:
+    """The student inside its DeepSpeed engine (AdamW, warm-up + cosine) and the EMA teacher, if the loss needs one."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, load_weights=load_weights)
     teacher = None
     if cfg.objective.needs_teacher:
         teacher = EMATeacher(model, cfg.teacher.ema_alpha, torch.bfloat16 if bf16 else None).to(device)
+    optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule.warmup_steps, total_steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=build_ds_config(cfg, bf16, device.type == "cuda"))
+    return engine, teacher
 
+
+def setup(cfg: Config) -> Run:
+    num_samples = preflight(cfg)
+    device, bf16 = init_runtime(cfg)
+    rank, world = D.rank(), D.world_size()
     per_step = world * cfg.data.batch_size * cfg.schedule.grad_accum
     steps_per_epoch = num_samples // per_step
     if steps_per_epoch < 1:
         raise ConfigError(f"{num_samples} samples fill no optimizer step of {per_step} (ranks × batch × accum): "
                           "lower data.batch_size or schedule.grad_accum")
     total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * steps_per_epoch
-    optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule.warmup_steps, total_steps))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_ds_config(cfg, bf16, device.type == "cuda"))
+    engine, teacher = build_engine(cfg, device, bf16, total_steps)
     reader = ShardReader(
         list_shards(cfg.data.train_shards), batch_size=cfg.data.batch_size, num_negatives=cfg.data.num_negatives,
         num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, rank=rank,

@@ -21,3 +21,23 @@ def test_tiny_run_writes_results(tmp_path, bench, name):
     if name == "clip_loss":  # K=0 rows also time open_clip's ClipLoss
         assert any(r["impl"] == "open_clip" for r in rows if r["K"] == "0")
         assert not any(r["impl"] == "open_clip" for r in rows if r["K"] != "0")
+
+
+def test_train_step_benchmark_on_tiny_config(tmp_path):
+    """The trainer's step on synthetic inputs: a CSV row whose phases add up to the step, and a plot."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "benchmarks/bench_train_step.py", "--config", "configs/tiny.yaml",
+                             "--steps", "4", "--warmup", "1", "--results", str(tmp_path)],
+                            cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = list(csv.DictReader((tmp_path / "train_step.csv").open()))
+    assert row["model"] == "degla-tiny" and row["batch"] == "32" and row["K"] == "4"
+    phases = sum(float(row[f"{p}_p50_ms"]) for p in ("data", "teacher_fwd", "student_fwd", "backward", "optimizer", "ema"))
+    assert 0.7 * float(row["step_p50_ms"]) <= phases <= 1.3 * float(row["step_p50_ms"])
+    assert float(row["samples_per_s"]) > 0 and float(row["fwd_gflops_per_sample"]) > 0
+    assert row["mfu_pct"] == ""  # no GPU peak to compare against on a CPU
+    assert (tmp_path / "train_step.png").stat().st_size > 5_000

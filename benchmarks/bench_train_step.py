@@ -1,0 +1,147 @@
+"""One DeGLA training step on synthetic inputs: samples/s, MFU, and where the time goes.
+
+    deepspeed --num_gpus 1 benchmarks/bench_train_step.py --config configs/vitl14.yaml
+    python benchmarks/bench_train_step.py --config configs/tiny.yaml --steps 5      # CPU smoke run
+
+The step is the trainer's own (its engine, optimizer, teacher and loss), fed random images and token
+ids of the configured shapes, timed phase by phase with device synchronisation: data (host → device),
+teacher forward, student forward + loss, backward, optimizer step, EMA update. MFU counts the model's
+forward FLOPs (torch's FlopCounterMode on one forward) as student 3× (forward + backward) plus teacher
+1×, over the step time, against the GPU's dense bf16 peak. Weights are random (nothing is downloaded).
+Rows are appended to benchmarks/results/train_step.csv, with a stacked-bar plot of the phases.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import RESULTS, append_rows, bf16_peak_tflops, environment, percentiles  # noqa: E402
+from degla_scale.config import load_config  # noqa: E402
+from degla_scale.trainer import build_engine, init_runtime  # noqa: E402  (picks the DeepSpeed accelerator first)
+from degla_scale import distributed as D  # noqa: E402
+from degla_scale.objective import degla_loss  # noqa: E402
+
+PHASES = ("data", "teacher_fwd", "student_fwd", "backward", "optimizer", "ema")
+
+
+def synthetic_batch(clip, b: int, K: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    size = clip.visual.image_size
+    size = size if isinstance(size, tuple) else (size, size)
+    images = torch.randn(b, 3, *size, generator=generator)
+    tokens = torch.randint(1, clip.vocab_size, (b * (1 + K), clip.context_length), generator=generator)
+    return images, tokens
+
+
+def forward_flops(module, images, tokens) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(images, tokens)
+    return counter.get_total_flops()
+
+
+def plot_phases(rows: list[dict], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(rows) + 2), 3.8))
+    labels = [f"{r['model']}\nb={r['batch']} K={r['K']} z{r['zero_stage']}" for r in rows]
+    bottom = [0.0] * len(rows)
+    for phase in PHASES:
+        heights = [r[f"{phase}_p50_ms"] for r in rows]
+        ax.bar(labels, heights, bottom=bottom, label=phase)
+        bottom = [a + h for a, h in zip(bottom, heights)]
+    ax.set_ylabel("ms per step (p50 of each phase)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncols=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup untimed ones)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--out", default="train_step")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args, overrides = parser.parse_known_args(argv)
+    cfg = load_config(args.config, overrides)
+    device, bf16 = init_runtime(cfg)
+    engine, teacher = build_engine(cfg, device, bf16, total_steps=args.warmup + args.steps, load_weights=False)
+    b, K, obj = cfg.data.batch_size, cfg.data.num_negatives, cfg.objective
+    clip = engine.module.clip
+    generator = torch.Generator().manual_seed(D.rank())
+    host_images, host_tokens = synthetic_batch(clip, b, K, generator)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    flops_fwd = forward_flops(engine.module, host_images[:1].to(device, dtype), host_tokens[:1 + K].to(device)) * b
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    times: dict[str, list[float]] = {p: [] for p in (*PHASES, "step")}
+    for step in range(args.warmup + args.steps):
+        marks = [time.perf_counter()]
+
+        def mark():
+            sync()
+            marks.append(time.perf_counter())
+        images, tokens = host_images.to(device, dtype, non_blocking=True), host_tokens.to(device, non_blocking=True)
+        mark()
+        t_img = t_txt = None
+        if teacher is not None:
+            t_img, t_txt = teacher.encode(images, tokens)
+        mark()
+        img, txt, scale = engine(images, tokens)
+        out = degla_loss(img, txt, scale, t_img, t_txt, num_negatives=K, igc_weight=obj.igc_weight,
+                         tgc_weight=obj.tgc_weight, distill_weight=obj.distill_weight, tgc_scale=obj.tgc_scale,
+                         backend=obj.backend)
+        mark()
+        engine.backward(out.total)
+        mark()
+        engine.step()
+        mark()
+        if teacher is not None:
+            teacher.update(engine.module)
+        mark()
+        if step >= args.warmup:
+            for phase, t0, t1 in zip(PHASES, marks, marks[1:]):
+                times[phase].append((t1 - t0) * 1e3)
+            times["step"].append((marks[-1] - marks[0]) * 1e3)
+
+    step_ms = percentiles(times["step"])
+    model_flops = (3 + (teacher is not None)) * flops_fwd  # student forward + backward ≈ 3×, teacher forward 1×
+    tflops = model_flops / (step_ms[1] * 1e-3) / 1e12
+    peak = bf16_peak_tflops()
+    row = {**environment(), "model": cfg.model.name, "batch": b, "K": K, "world": D.world_size(),
+           "zero_stage": cfg.zero.stage, "offload_optimizer": cfg.zero.offload_optimizer, "bf16": bf16,
+           "grad_checkpointing": cfg.model.grad_checkpointing, "backend": obj.backend,
+           "step_p20_ms": round(step_ms[0], 3), "step_p50_ms": round(step_ms[1], 3), "step_p80_ms": round(step_ms[2], 3),
+           "samples_per_s": round(b * D.world_size() / (step_ms[1] * 1e-3), 2),
+           "fwd_gflops_per_sample": round(flops_fwd / b / 1e9, 3), "tflops": float(f"{tflops:.4g}"),
+           "mfu_pct": round(100 * tflops / peak, 2) if peak else "",
+           "max_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else ""}
+    for phase in PHASES:
+        row[f"{phase}_p50_ms"] = round(percentiles(times[phase])[1], 3)
+    if D.rank() == 0:
+        path = append_rows(args.results / f"{args.out}.csv", [row])
+        plot = plot_phases([row], args.results / f"{args.out}.png", f"DeGLA step — {row['device']}")
+        breakdown = "  ".join(f"{p} {row[f'{p}_p50_ms']:.1f}" for p in PHASES)
+        print(f"{cfg.model.name} b={b} K={K} ZeRO-{cfg.zero.stage}: step p50 {row['step_p50_ms']:.1f} ms, "
+              f"{row['samples_per_s']} samples/s, {tflops:.3g} TFLOP/s, MFU {row['mfu_pct'] or 'n/a'}%\n"
+              f"  phases (ms, p50): {breakdown}\nresults: {path}\nplot: {plot}")
+    return row
+
+
+if __name__ == "__main__":
+    main()
