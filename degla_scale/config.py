@@ -86,9 +86,13 @@ class ObjectiveConfig:
 class TeacherConfig:
     ema_alpha: float = 0.9996
     """EMA decay: θ_t ← α·θ_t + (1−α)·θ_s after every optimizer step."""
+    refresh_every: int = 1
+    """ZeRO-1/2: all-gather the sharded fp32 EMA into the teacher's forward weights every this many steps
+    (the EMA itself is updated every step either way)."""
 
     def __post_init__(self):
         _check(0.0 <= self.ema_alpha <= 1.0, f"teacher.ema_alpha={self.ema_alpha} must lie in [0, 1] (paper: 0.9996)")
+        _check(self.refresh_every >= 1, f"teacher.refresh_every={self.refresh_every} must be >= 1")
 
 
 @dataclass

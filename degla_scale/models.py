@@ -39,9 +39,14 @@ class DeGLAModel(nn.Module):
 
     def open_clip_state_dict(self) -> dict[str, torch.Tensor]:
         """State dict in open_clip's own layout (0-dim logit_scale), loadable by `pretrained=PATH`."""
-        state = {k: v.detach().clone() for k, v in self.clip.state_dict().items()}
-        state["logit_scale"] = state["logit_scale"].reshape(())
-        return state
+        return open_clip_layout(self.state_dict())
+
+
+def open_clip_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A `DeGLAModel` state dict ("clip."-prefixed, 1-dim logit_scale) in open_clip's own layout."""
+    out = {k.removeprefix("clip."): v.detach().clone() for k, v in state.items()}
+    out["logit_scale"] = out["logit_scale"].reshape(())
+    return out
 
 
 def _check_name(name: str) -> None:

@@ -28,9 +28,10 @@ from degla_scale.data.reader import (  # noqa: E402
     Batch, DataPosition, ShardReader, list_shards, peek_num_negatives, read_manifest,
 )
 from degla_scale.logs import RunLog, plot_loss_curves  # noqa: E402
-from degla_scale.models import MAX_LOGIT_SCALE, DeGLAModel, build_model, image_transform, tokenizer  # noqa: E402
+from degla_scale.models import (MAX_LOGIT_SCALE, DeGLAModel, build_model, image_transform,  # noqa: E402
+                                open_clip_layout, tokenizer)
 from degla_scale.objective import DeGLALoss, degla_loss  # noqa: E402
-from degla_scale.teacher import EMATeacher  # noqa: E402
+from degla_scale.teacher import EMATeacher, ShardedEMATeacher  # noqa: E402
 from degla_scale.telemetry import Telemetry  # noqa: E402
 
 LOSS_TERMS = ("total", "clip", "igc", "tgc", "distill")
@@ -112,7 +113,7 @@ class Run:
 
     cfg: Config
     engine: deepspeed.DeepSpeedEngine
-    teacher: EMATeacher | None
+    teacher: EMATeacher | ShardedEMATeacher | None
     reader: ShardReader
     log: RunLog
     device: torch.device
@@ -158,17 +159,20 @@ def init_runtime(cfg: Config) -> tuple[torch.device, bool]:
 
 
 def build_engine(cfg: Config, device: torch.device, bf16: bool, total_steps: int,
-                 load_weights: bool = True) -> tuple[deepspeed.DeepSpeedEngine, EMATeacher | None]:
+                 load_weights: bool = True) -> tuple[deepspeed.DeepSpeedEngine, EMATeacher | ShardedEMATeacher | None]:
     """The student inside its DeepSpeed engine (AdamW, warm-up + cosine) and the EMA teacher, if the loss needs one."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, load_weights=load_weights)
-    teacher = None
-    if cfg.objective.needs_teacher:
-        teacher = EMATeacher(model, cfg.teacher.ema_alpha, torch.bfloat16 if bf16 else None).to(device)
     optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule.warmup_steps, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_ds_config(cfg, bf16, device.type == "cuda"))
+    teacher = None
+    autocast = torch.bfloat16 if bf16 else None
+    if cfg.objective.needs_teacher and cfg.zero.stage in (1, 2):
+        teacher = ShardedEMATeacher(engine, cfg.teacher.ema_alpha, cfg.teacher.refresh_every, autocast)
+    elif cfg.objective.needs_teacher:
+        teacher = EMATeacher(engine.module, cfg.teacher.ema_alpha, autocast).to(device)
     return engine, teacher
 
 
@@ -241,8 +245,8 @@ def save_checkpoint(run: Run) -> None:
     tag_dir.mkdir(parents=True, exist_ok=True)
     rank = D.rank()
     (tag_dir / f"data_rank{rank}.json").write_text(json.dumps(run.position.to_json()))
-    if run.teacher is not None and rank == 0:
-        torch.save(run.teacher.state_dict(), tag_dir / "teacher.pt")
+    if run.teacher is not None:
+        run.teacher.save(tag_dir, rank)
     run.engine.save_checkpoint(str(run.ckpt_dir), tag=tag, client_state={"step": run.step})
     if rank == 0:
         tags = sorted(p for p in run.ckpt_dir.glob("step*") if p.is_dir())
@@ -260,7 +264,7 @@ def maybe_resume(run: Run) -> None:
         raise RuntimeError(f"could not load checkpoint {run.ckpt_dir / tag}: delete it or set checkpoint.resume=none")
     run.step = client_state["step"]
     if run.teacher is not None:
-        run.teacher.load_state_dict(torch.load(run.ckpt_dir / tag / "teacher.pt", map_location=run.device))
+        run.teacher.load(run.ckpt_dir / tag, D.rank())
     position_file = run.ckpt_dir / tag / f"data_rank{D.rank()}.json"
     if not position_file.is_file():
         raise RuntimeError(f"{position_file} is missing (was the run saved with fewer ranks?): resume with the same number of ranks")
@@ -346,6 +350,7 @@ def train(cfg: Config) -> dict:
 
 def finish(run: Run) -> None:
     """Final open_clip-format weights (student and teacher) and the loss-curve plot, from rank 0."""
+    teacher = run.teacher.full_state_dict() if run.teacher is not None else None  # every rank takes part
     if D.rank() != 0:
         return
     final = run.run_dir / "final"
@@ -353,8 +358,8 @@ def finish(run: Run) -> None:
     module: DeGLAModel = run.engine.module
     student = {k: v.float() for k, v in module.open_clip_state_dict().items()}
     torch.save(student, final / "student.pt")
-    if run.teacher is not None:
-        torch.save(run.teacher.module.open_clip_state_dict(), final / "teacher.pt")
+    if teacher is not None:
+        torch.save(open_clip_layout(teacher), final / "teacher.pt")
     plot_loss_curves({run.run_dir.name: run.log.path}, run.run_dir / "loss_curve.png")
     run.log.write({"event": "end", "step": run.step})
     run.log.close()
