@@ -90,9 +90,14 @@ class TeacherConfig:
     """ZeRO-1/2: all-gather the sharded fp32 EMA into the teacher's forward weights every this many steps
     (the EMA itself is updated every step either way)."""
 
+    offload: str = "none"
+    """none, or cpu (ZeRO-1/2): the fp32 EMA shard lives in pinned host memory and is updated by a
+    background thread while the GPU computes; only bf16 weights travel to the GPU at each refresh."""
+
     def __post_init__(self):
         _check(0.0 <= self.ema_alpha <= 1.0, f"teacher.ema_alpha={self.ema_alpha} must lie in [0, 1] (paper: 0.9996)")
         _check(self.refresh_every >= 1, f"teacher.refresh_every={self.refresh_every} must be >= 1")
+        _check(self.offload in ("none", "cpu"), f"teacher.offload={self.offload!r} must be none or cpu")
 
 
 @dataclass
@@ -227,8 +232,10 @@ class Config:
                "objective.igc_weight/tgc_weight > 0 need hard negatives but data.num_negatives=0: "
                "set data.num_negatives=K or both weights to 0 for plain CLIP")
         _check(not (self.zero.stage == 3 and self.objective.needs_teacher),
-               "zero.stage=3 with an EMA teacher is not supported by the replicated teacher yet: "
+               "zero.stage=3 with an EMA teacher is not supported yet: "
                "use zero.stage<=2 or objective.tgc_weight=0 objective.distill_weight=0")
+        _check(self.teacher.offload == "none" or self.zero.stage in (1, 2),
+               f"teacher.offload=cpu shards the EMA like ZeRO-1/2 and needs zero.stage 1 or 2, got {self.zero.stage}")
 
 
 SCHEMA_NAME = "degla_schema"

@@ -86,7 +86,8 @@ def _zero_partitions(optimizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]
 class ShardedEMATeacher:
     """fp32 EMA sharded like the ZeRO-1/2 master weights; a replicated teacher module for the forward."""
 
-    def __init__(self, engine, alpha: float, refresh_every: int = 1, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, engine, alpha: float, refresh_every: int = 1, autocast_dtype: torch.dtype | None = None,
+                 offload: bool = False):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"EMA alpha={alpha} must lie in [0, 1]")
         self.alpha, self.refresh_every, self.autocast_dtype = alpha, refresh_every, autocast_dtype
@@ -95,6 +96,9 @@ class ShardedEMATeacher:
         self.world = dist.get_world_size(self.group) if dist.is_initialized() else 1
         flats, self.masters = _zero_partitions(engine.optimizer)
         self.shards = [m.detach().float().clone() for m in self.masters]  # the teacher starts as the student
+        self.offload = _CPUOffload(self.shards) if offload else None
+        if self.offload is not None:
+            self.shards = self.offload.shards
         self.module = copy.deepcopy(engine.module).eval().requires_grad_(False)
         # Re-seat the teacher's parameters on flat buffers laid out exactly like the student's, so a
         # partition of a teacher buffer is the same parameters' slice as the student's partition.
@@ -119,16 +123,26 @@ class ShardedEMATeacher:
 
     @torch.no_grad()
     def update(self, student: nn.Module | None = None) -> None:
-        torch._foreach_lerp_(self.shards, [m.detach() for m in self.masters], 1.0 - self.alpha)
+        """Fold this rank's fp32 master partitions into its EMA shards (in the background when offloaded)."""
+        masters = [m.detach() for m in self.masters]
+        if self.offload is not None:
+            self.offload.lerp_async(masters, 1.0 - self.alpha)
+        else:
+            torch._foreach_lerp_(self.shards, masters, 1.0 - self.alpha)
         self.updates += 1
         if self.updates % self.refresh_every == 0:
             self.refresh()
 
+    def wait(self) -> None:
+        if self.offload is not None:
+            self.offload.wait()
+
     @torch.no_grad()
     def refresh(self) -> None:
         """All-gather the EMA shards into the teacher's flat buffers (in the teacher's dtype)."""
+        self.wait()
         for flat, shard in zip(self.flats, self.shards):
-            part = shard.to(flat.device, flat.dtype)
+            part = shard.to(flat.dtype).to(flat.device, non_blocking=True)  # cast first: bf16 travels, not fp32
             if self.world == 1:
                 flat.copy_(part)
             else:
@@ -139,6 +153,7 @@ class ShardedEMATeacher:
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole fp32 EMA by name (a collective: every rank must call it)."""
+        self.wait()
         full = []
         for flat, shard in zip(self.flats, self.shards):
             buf = torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)  # where the comm backend works
@@ -163,6 +178,7 @@ class ShardedEMATeacher:
     @torch.no_grad()
     def load(self, tag_dir: Path, rank: int) -> None:
         """This rank's shards if saved by as many ranks; otherwise re-partition the whole fp32 EMA."""
+        self.wait()
         shard_file = tag_dir / f"teacher_shard_rank{rank}.pt"
         saved = torch.load(shard_file, map_location="cpu") if shard_file.is_file() else None
         if saved is not None and saved["world"] == self.world:
@@ -178,3 +194,47 @@ class ShardedEMATeacher:
                 shard.copy_(buf.chunk(self.world)[rank])
             self.updates = state["updates"]
         self.refresh()
+
+
+class _CPUOffload:
+    """EMA shards in (pinned) host memory, updated by a background thread while the device computes.
+
+    After each optimizer step the fp32 master partitions are copied into host staging buffers (on a side
+    CUDA stream when they live on the GPU), and one worker thread folds them into the shards once the copy
+    has landed. The next update, a refresh or a checkpoint waits for it first."""
+
+    def __init__(self, shards: list[torch.Tensor]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        pin = torch.cuda.is_available()
+        self.shards = [s.cpu().pin_memory() if pin else s.cpu().clone() for s in shards]
+        self.staging = [torch.empty_like(s, pin_memory=pin) for s in self.shards]
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ema-offload")
+        self.pending = None
+
+    def lerp_async(self, masters: list[torch.Tensor], weight: float) -> None:
+        self.wait()
+        event = None
+        if masters[0].is_cuda:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())  # the optimizer step has written the masters
+            with torch.cuda.stream(stream):
+                for buf, m in zip(self.staging, masters):
+                    buf.copy_(m, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        else:  # a snapshot: the next optimizer step may rewrite host masters while the thread works
+            for buf, m in zip(self.staging, masters):
+                buf.copy_(m)
+        self.pending = self.pool.submit(self._lerp, event, weight)
+
+    def _lerp(self, event, weight: float) -> None:
+        if event is not None:
+            event.synchronize()
+        with torch.no_grad():
+            torch._foreach_lerp_(self.shards, self.staging, weight)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()  # re-raises anything the thread hit
+            self.pending = None

@@ -170,7 +170,8 @@ def build_engine(cfg: Config, device: torch.device, bf16: bool, total_steps: int
     teacher = None
     autocast = torch.bfloat16 if bf16 else None
     if cfg.objective.needs_teacher and cfg.zero.stage in (1, 2):
-        teacher = ShardedEMATeacher(engine, cfg.teacher.ema_alpha, cfg.teacher.refresh_every, autocast)
+        teacher = ShardedEMATeacher(engine, cfg.teacher.ema_alpha, cfg.teacher.refresh_every, autocast,
+                                    offload=cfg.teacher.offload == "cpu")
     elif cfg.objective.needs_teacher:
         teacher = EMATeacher(engine.module, cfg.teacher.ema_alpha, autocast).to(device)
     return engine, teacher

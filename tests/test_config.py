@@ -47,6 +47,7 @@ BAD_CASES = {
     "unknown loss backend": ("", ["objective.backend=cuda"], "objective.backend='cuda'"),
     "param offload below stage 3": ("zero:\n  stage: 2\n", ["zero.offload_params=cpu"], "zero.offload_params=cpu"),
     "optimizer offload at stage 0": ("", ["zero.offload_optimizer=cpu"], "zero.offload_optimizer=cpu"),
+    "teacher offload at stage 0": ("", ["teacher.offload=cpu"], "teacher.offload=cpu"),
     "not key=value": ("", ["--lr"], "'--lr'"),
 }
 

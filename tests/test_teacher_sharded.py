@@ -1,6 +1,6 @@
 """The ZeRO-1/2 sharded EMA teacher against a replicated float64 EMA computed here from the student's weights.
 
-Two gloo ranks train a small model (sizes chosen so DeepSpeed pads its flat buffers) for a few steps;
+Two gloo ranks train a small model (with and without the EMA offloaded to a host thread) (sizes chosen so DeepSpeed pads its flat buffers) for a few steps;
 after every optimizer step the test folds the student's full weights into its own EMA. The sharded
 teacher's gathered fp32 EMA and its refreshed forward weights must equal that EMA to fp32 rounding, and
 its checkpoint must load back on 2 ranks (own shards) and on 1 rank (re-partitioned from teacher.pt).
@@ -51,12 +51,12 @@ def _init(rank, world, port):
     deepspeed.init_distributed(dist_backend=accelerator.dist_backend())
 
 
-def _train(rank, world, port, stage, out_dir):
+def _train(rank, world, port, stage, offload, out_dir):
     _init(rank, world, port)
     from degla_scale.teacher import ShardedEMATeacher
 
     engine = _engine(stage)
-    teacher = ShardedEMATeacher(engine, ALPHA, refresh_every=2)
+    teacher = ShardedEMATeacher(engine, ALPHA, refresh_every=2, offload=offload)
     ema = {n: p.detach().double().clone() for n, p in engine.module.named_parameters()}
     g = torch.Generator().manual_seed(rank)
     for _ in range(STEPS):
@@ -87,9 +87,9 @@ def _reload_one_rank(rank, world, port, stage, out_dir):
     torch.save({"full": teacher.full_state_dict(), "updates": teacher.updates}, out_dir / "one_rank.pt")
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_sharded_teacher_equals_replicated_ema_and_reloads_on_fewer_ranks(tmp_path, stage):
-    mp.spawn(_train, args=(2, free_port(), stage, tmp_path), nprocs=2, join=True)
+@pytest.mark.parametrize("stage,offload", [(1, False), (2, False), (2, True)], ids=["zero1", "zero2", "zero2-offload"])
+def test_sharded_teacher_equals_replicated_ema_and_reloads_on_fewer_ranks(tmp_path, stage, offload):
+    mp.spawn(_train, args=(2, free_port(), stage, offload, tmp_path), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for r in results:
         assert r["updates"] == STEPS
