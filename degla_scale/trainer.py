@@ -52,11 +52,11 @@ def check_data(cfg: Config) -> int:
     return int(num_samples)
 
 
-def build_ds_config(cfg: Config, bf16: bool, on_cuda: bool) -> dict:
+def build_ds_config(cfg: Config, bf16: bool, on_cuda: bool, num_params: int) -> dict:
     ds = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.schedule.grad_accum,
-        "zero_optimization": zero_section(cfg, on_cuda),
+        "zero_optimization": zero_section(cfg, on_cuda, num_params),
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
@@ -67,12 +67,23 @@ def build_ds_config(cfg: Config, bf16: bool, on_cuda: bool) -> dict:
     return ds
 
 
-def zero_section(cfg: Config, on_cuda: bool) -> dict:
+REDUCE_BUCKET_ELEMENTS = 50_000_000  # DeepSpeed's default is 5e8: a 1-2 GB buffer whatever the model's size
+
+
+def reduce_bucket_elements(num_params: int) -> int:
+    """Gradient reduce/all-gather bucket: DeepSpeed allocates it whole, so never larger than the model
+    (rounded up to a multiple of 1024, as its alignment checks want an even size)."""
+    return -(-min(REDUCE_BUCKET_ELEMENTS, num_params) // 1024) * 1024
+
+
+def zero_section(cfg: Config, on_cuda: bool, num_params: int) -> dict:
     """DeepSpeed's zero_optimization block for the config's stage and offload choices."""
     z = cfg.zero
     section: dict = {"stage": z.stage}
     if z.stage >= 1:
-        section.update(contiguous_gradients=True, overlap_comm=on_cuda)  # overlap needs CUDA streams
+        bucket = reduce_bucket_elements(num_params)
+        section.update(contiguous_gradients=True, overlap_comm=on_cuda,  # overlap needs CUDA streams
+                       reduce_bucket_size=bucket, allgather_bucket_size=bucket)
     if z.offload_optimizer == "cpu":
         section["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
     if z.offload_params == "cpu":
@@ -166,7 +177,8 @@ def build_engine(cfg: Config, device: torch.device, bf16: bool, total_steps: int
     optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule.warmup_steps, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_ds_config(cfg, bf16, device.type == "cuda"))
+                                           config=build_ds_config(cfg, bf16, device.type == "cuda",
+                                                                  sum(p.numel() for p in model.parameters())))
     teacher = None
     autocast = torch.bfloat16 if bf16 else None
     if cfg.objective.needs_teacher and cfg.zero.stage in (1, 2):

@@ -1,0 +1,56 @@
+"""The memory planner against the peak that PyTorch's profiler measures for two real training steps (CPU)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Two DeGLA steps of the tiny config through the trainer's own engine and teacher, under the profiler's
+# memory timeline; prints the peak of all tensor memory (parameters, gradients, optimizer state, teacher,
+# activations, temporaries).
+MEASURE = """
+import json, sys, torch
+from torch.profiler import ProfilerActivity, profile
+from degla_scale.config import load_config
+from degla_scale.trainer import build_engine, init_runtime
+from degla_scale.objective import degla_loss
+from benchmarks.bench_train_step import synthetic_batch
+cfg = load_config("configs/tiny.yaml", sys.argv[1:] + ["model.pretrained=null"])
+device, bf16 = init_runtime(cfg)
+engine, teacher = build_engine(cfg, device, bf16, total_steps=10, load_weights=False)
+images, tokens = synthetic_batch(engine.module.clip, cfg.data.batch_size, cfg.data.num_negatives, torch.Generator().manual_seed(0))
+o = cfg.objective
+with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    for _ in range(2):
+        t_img, t_txt = teacher.encode(images, tokens)
+        img, txt, scale = engine(images, tokens)
+        out = degla_loss(img, txt, scale, t_img, t_txt, num_negatives=cfg.data.num_negatives,
+                         igc_weight=o.igc_weight, tgc_weight=o.tgc_weight, distill_weight=o.distill_weight)
+        engine.backward(out.total)
+        engine.step()
+        teacher.update(engine.module)
+prof.export_memory_timeline(sys.argv[0] + ".json", device="cpu")
+times, sizes = json.load(open(sys.argv[0] + ".json"))
+print("PEAK", max(sum(s) for s in sizes))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_plan_within_25_percent_of_measured_peak(tmp_path, stage):
+    script = tmp_path / "measure.py"
+    script.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n" + MEASURE)
+    measured = subprocess.run([sys.executable, str(script), f"zero.stage={stage}"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+    assert measured.returncode == 0, measured.stderr[-2000:]
+    peak = float(measured.stdout.split("PEAK")[-1])
+    planned = subprocess.run([sys.executable, "benchmarks/memory_plan.py", "--config", "configs/tiny.yaml", "--cpu",
+                              "--json", str(tmp_path / "plan.json"), f"zero.stage={stage}"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert 0.75 * peak <= plan["total"] <= 1.25 * peak, f"plan {plan['total'] / 2**20:.1f} MiB vs measured {peak / 2**20:.1f} MiB"
+    assert plan["max_batch"] > 0
