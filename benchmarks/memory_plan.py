@@ -13,7 +13,8 @@ Static bytes follow from the parameter count P (counted on the meta device), the
                  plus the forward copy p·P
 Activations are not guessed: the model runs one sample (an image and its 1 + K captions) forward on the
 meta device, in the training dtype and with the configured gradient checkpointing, and the bytes autograd
-saves for backward are counted; the loss adds its own (explicit logits for the torch backend, O((B+N)·D)
+saves for backward are counted (with checkpointing, plus one block's full activations for its recompute,
+taken as the average block's share of a forward without checkpointing); the loss adds its own (explicit logits for the torch backend, O((B+N)·D)
 for the kernels). The largest micro-batch is what fits in the GPU memory left after the static part.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -59,15 +60,27 @@ class Plan:
         return max(0, int(free // (self.activations_per_sample + self.loss_per_sample)))
 
 
-def saved_activation_bytes(cfg: Config, dtype: torch.dtype) -> float:
-    """Bytes autograd keeps for backward for one image and its 1 + K captions (meta device, no memory used)."""
+def activation_bytes(cfg: Config, dtype: torch.dtype) -> float:
+    """Activation bytes per sample at the backward's peak. With gradient checkpointing that is the saved
+    block inputs plus one block recomputed in full (estimated as the average block's share)."""
+    saved, blocks = saved_activation_bytes(cfg.model, cfg.data.num_negatives, dtype)
+    if not cfg.model.grad_checkpointing:
+        return saved
+    full, _ = saved_activation_bytes(replace(cfg.model, grad_checkpointing=False), cfg.data.num_negatives, dtype)
+    return saved + full / blocks
+
+
+def saved_activation_bytes(model_cfg, num_negatives: int, dtype: torch.dtype) -> tuple[float, int]:
+    """(bytes autograd keeps for backward for one image and its 1 + K captions, transformer blocks):
+    a meta-device forward, so no memory is used."""
     with torch.device("meta"):
-        model = build_model(cfg.model, load_weights=False, device="meta").to(dtype).train()
+        model = build_model(model_cfg, load_weights=False, device="meta").to(dtype).train()
         clip = model.clip
         size = clip.visual.image_size
         size = size if isinstance(size, tuple) else (size, size)
         images = torch.empty(1, 3, *size, dtype=dtype)
-        tokens = torch.zeros(1 + cfg.data.num_negatives, clip.context_length, dtype=torch.long)
+        tokens = torch.zeros(1 + num_negatives, clip.context_length, dtype=torch.long)
+    blocks = len(clip.visual.transformer.resblocks) + len(clip.transformer.resblocks)
     seen: dict[int, torch.Tensor] = {}  # keeps the tensors alive, so ids stay unique
 
     def pack(t: torch.Tensor):
@@ -77,7 +90,7 @@ def saved_activation_bytes(cfg: Config, dtype: torch.dtype) -> float:
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(images, tokens)
-    return float(sum(t.numel() * t.element_size() for t in seen.values()))
+    return float(sum(t.numel() * t.element_size() for t in seen.values())), blocks
 
 
 def plan(cfg: Config, world: int, on_gpu: bool = True) -> Plan:
@@ -104,7 +117,7 @@ def plan(cfg: Config, world: int, on_gpu: bool = True) -> Plan:
         loss = 2 * 4 * (N + B)
     else:
         loss = 0.0  # the kernels keep O((B + N)·D): part of the saved activations already
-    return Plan(P, weights, gradients, optimizer, teacher, saved_activation_bytes(cfg, torch.bfloat16 if bf16 else torch.float32),
+    return Plan(P, weights, gradients, optimizer, teacher, activation_bytes(cfg, torch.bfloat16 if bf16 else torch.float32),
                 float(loss), b)
 
 
