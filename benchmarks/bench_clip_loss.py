@@ -12,15 +12,14 @@ Rows are appended to benchmarks/results/clip_loss.csv, and a plot is written bes
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import (RESULTS, append_rows, bf16_peak_tflops, environment, peak_memory_mib,  # noqa: E402
-                               plot_p50, saved_for_backward_mib, time_phases)
+from benchmarks.common import (RESULTS, append_rows, bf16_peak_tflops, device_for_kernels,  # noqa: E402
+                               environment, measure, plot_p50)
 from kernels.clip_loss import clip_loss, clip_loss_ref  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -63,10 +62,8 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.tiny:
         args.B, args.K, args.D, args.reps = [16, 32], [0, 2], [32], 3
-    on_gpu = torch.cuda.is_available()
-    device = "cuda" if on_gpu else "cpu"
-    if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
-        parser.error("no GPU: set TRITON_INTERPRET=1 (before Python starts) to run the kernel under Triton's interpreter")
+    device = device_for_kernels(parser)
+    on_gpu = device == "cuda"
     dtype = DTYPES[args.dtype]
     env, peak = environment(), bf16_peak_tflops()
     rows = []
@@ -84,25 +81,17 @@ def main(argv=None) -> list[dict]:
                 for name, fn in implementations(K, on_gpu).items():
                     if name in ("open_clip", "inf_cl"):  # plain CLIP: only the B positives
                         fn = (lambda f: lambda img, txt, s: f(img, txt[:img.shape[0]], s))(fn)
-                    try:
-                        times = time_phases(make_inputs, fn, args.reps)
-                        memory, working = peak_memory_mib(make_inputs, fn)
-                        saved = saved_for_backward_mib(make_inputs, fn)
-                    except torch.OutOfMemoryError:
-                        torch.cuda.empty_cache()
+                    fields = measure(make_inputs, fn, args.reps)
+                    if fields is None:
                         print(f"{name:>9} B={B} K={K} D={D}: out of memory")
                         continue
-                    tflops = 8 * B * N * D / (times["both"][1] * 1e-3) / 1e12
-                    row = {**env, "impl": name, "B": B, "K": K, "D": D, "dtype": args.dtype}
-                    for phase in ("fwd", "bwd", "both"):
-                        for q, v in zip(("p20", "p50", "p80"), times[phase]):
-                            row[f"{phase}_{q}_ms"] = round(v, 4)
-                    row.update(tflops=float(f"{tflops:.4g}"), pct_bf16_peak=round(100 * tflops / peak, 1) if peak else "",
-                               peak_mem_mib=round(memory, 1) if memory is not None else "",
-                               working_mem_mib=round(working, 1) if working is not None else "", saved_mib=round(saved, 3))
+                    tflops = 8 * B * N * D / (fields["both_p50_ms"] * 1e-3) / 1e12
+                    row = {**env, "impl": name, "B": B, "K": K, "D": D, "dtype": args.dtype, **fields,
+                           "tflops": float(f"{tflops:.4g}"), "pct_bf16_peak": round(100 * tflops / peak, 1) if peak else ""}
                     rows.append(row)
                     print(f"{name:>9} B={B:>5} K={K} D={D:>4}: fwd+bwd p50 {row['both_p50_ms']:9.3f} ms  "
-                          f"{tflops:9.4g} TFLOP/s  peak {row['peak_mem_mib'] or 'n/a'} MiB  saved {saved:.2f} MiB", flush=True)
+                          f"{tflops:9.4g} TFLOP/s  peak {row['peak_mem_mib'] or 'n/a'} MiB  saved {row['saved_mib']} MiB",
+                          flush=True)
     path = append_rows(args.results / f"{args.out}.csv", rows)
     plot = plot_p50(rows, args.results / f"{args.out}.png", f"global contrastive loss, {args.dtype} — {env['device']}", ("K", "D"))
     print(f"results: {path}\nplot: {plot}")

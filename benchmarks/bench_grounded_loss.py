@@ -11,7 +11,6 @@ Rows are appended to benchmarks/results/grounded_loss.csv, and a plot is written
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import (RESULTS, append_rows, environment, peak_memory_mib, plot_p50,  # noqa: E402
-                               saved_for_backward_mib, time_phases)
+from benchmarks.common import (RESULTS, append_rows, device_for_kernels, environment, measure,  # noqa: E402
+                               plot_p50)
 from kernels.grounded_loss import grounded_loss, grounded_loss_ref  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -55,10 +54,8 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.tiny:
         args.B, args.K, args.D, args.reps = [16, 32], [2], [32], 3
-    on_gpu = torch.cuda.is_available()
-    device = "cuda" if on_gpu else "cpu"
-    if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
-        parser.error("no GPU: set TRITON_INTERPRET=1 (before Python starts) to run the kernel under Triton's interpreter")
+    device = device_for_kernels(parser)
+    on_gpu = device == "cuda"
     dtype = DTYPES[args.dtype]
     env = environment()
     ceiling = copy_bandwidth_gbs(device, 1024 if on_gpu else 64)
@@ -81,22 +78,14 @@ def main(argv=None) -> list[dict]:
                 moved = (2 * (b + N) * D + (b + N) * D) * torch.finfo(dtype).bits // 8
                 for name, fn in impls.items():
                     loss = lambda img, txt, s, ti, tt, fn=fn: fn(img, txt, s, ti, tt, K, *WEIGHTS)[0]  # noqa: E731
-                    try:
-                        times = time_phases(make_inputs, loss, args.reps)
-                        memory, working = peak_memory_mib(make_inputs, loss)
-                        saved = saved_for_backward_mib(make_inputs, loss)
-                    except torch.OutOfMemoryError:
-                        torch.cuda.empty_cache()
+                    fields = measure(make_inputs, loss, args.reps)
+                    if fields is None:
                         print(f"{name:>8} b={b} K={K} D={D}: out of memory")
                         continue
-                    gbs = moved / (times["both"][1] * 1e-3) / 1e9
-                    row = {**env, "impl": name, "B": b, "K": K, "D": D, "dtype": args.dtype}
-                    for phase in ("fwd", "bwd", "both"):
-                        for q, v in zip(("p20", "p50", "p80"), times[phase]):
-                            row[f"{phase}_{q}_ms"] = round(v, 4)
-                    row.update(gbs=float(f"{gbs:.4g}"), copy_gbs=round(ceiling, 1), pct_copy_bw=round(100 * gbs / ceiling, 2),
-                               peak_mem_mib=round(memory, 1) if memory is not None else "",
-                               working_mem_mib=round(working, 1) if working is not None else "", saved_mib=round(saved, 3))
+                    gbs = moved / (fields["both_p50_ms"] * 1e-3) / 1e9
+                    row = {**env, "impl": name, "B": b, "K": K, "D": D, "dtype": args.dtype, **fields,
+                           "gbs": float(f"{gbs:.4g}"), "copy_gbs": round(ceiling, 1),
+                           "pct_copy_bw": round(100 * gbs / ceiling, 2)}
                     rows.append(row)
                     print(f"{name:>8} b={b:>5} K={K} D={D:>4}: fwd+bwd p50 {row['both_p50_ms']:9.3f} ms  {gbs:9.4g} GB/s "
                           f"({row['pct_copy_bw']}% of copy)  peak {row['peak_mem_mib'] or 'n/a'} MiB", flush=True)

@@ -108,12 +108,37 @@ def saved_for_backward_mib(make_inputs: Callable, loss_fn: Callable) -> float:
     return sum(sizes) / 2**20
 
 
+def measure(make_inputs: Callable, loss_fn: Callable, reps: int) -> dict | None:
+    """Timing percentiles and memory of one implementation at one shape, as CSV fields (None: out of memory)."""
+    try:
+        times = time_phases(make_inputs, loss_fn, reps)
+        memory, working = peak_memory_mib(make_inputs, loss_fn)
+        saved = saved_for_backward_mib(make_inputs, loss_fn)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+    fields = {f"{phase}_{q}_ms": round(v, 4) for phase in ("fwd", "bwd", "both")
+              for q, v in zip(("p20", "p50", "p80"), times[phase])}
+    fields.update(peak_mem_mib=round(memory, 1) if memory is not None else "",
+                  working_mem_mib=round(working, 1) if working is not None else "", saved_mib=round(saved, 3))
+    return fields
+
+
+def device_for_kernels(parser) -> str:
+    """"cuda", or "cpu" when the kernels can run under Triton's interpreter; otherwise a parser error."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("no GPU: set TRITON_INTERPRET=1 (before Python starts) to run the kernel under Triton's interpreter")
+    return "cpu"
+
+
 def append_rows(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(rows[0])
     new = not path.exists()
+    fields = list(rows[0]) if new else next(csv.reader(path.open()))  # append in the file's own column order
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields)  # a column the file lacks raises instead of shifting cells
         if new:
             writer.writeheader()
         writer.writerows(rows)

@@ -76,9 +76,10 @@ def _scores_tile(img_ptr, txt_ptr, rows, cols, row_ok, col_ok, D, stride_img, st
 
 @triton.autotune(configs=_configs(), key=["b", "C", "D"])
 @triton.jit
-def _lse_fwd_kernel(img_ptr, txt_ptr, row_lse_ptr, col_part_ptr, scale, b, C, P, D, stride_img, stride_txt,
+def _lse_fwd_kernel(img_ptr, txt_ptr, row_lse_ptr, col_part_ptr, scale_ptr, b, C, P, D, stride_img, stride_txt,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALLOW_TF32: tl.constexpr):
     pid = tl.program_id(0)
+    scale = tl.load(scale_ptr)  # read on the device: no host sync for the learnable scale
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < b
     m_row = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -102,12 +103,13 @@ def _lse_fwd_kernel(img_ptr, txt_ptr, row_lse_ptr, col_part_ptr, scale, b, C, P,
 
 @triton.autotune(configs=_configs(), key=["b", "C", "D"], reset_to_zero=["dscale_ptr"])
 @triton.jit
-def _dscores_kernel(img_ptr, txt_ptr, row_lse_ptr, col_lse_ptr, ds_ptr, dscale_ptr, scale, coef, b, C, P, D, c0, chunk,
+def _dscores_kernel(img_ptr, txt_ptr, row_lse_ptr, col_lse_ptr, ds_ptr, dscale_ptr, scale_ptr, coef_ptr, b, C, P, D, c0, chunk,
                     stride_img, stride_txt, stride_ds,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALLOW_TF32: tl.constexpr,
                     DETERMINISTIC: tl.constexpr):
     """dS for columns [c0, c0 + chunk): coef·(softmax over the row + softmax over the column if positive)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    scale, coef = tl.load(scale_ptr), tl.load(coef_ptr)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = c0 + local
@@ -145,13 +147,13 @@ class _ClipLSE(torch.autograd.Function):
         b, D = img_BD.shape
         C = txt_CD.shape[0]
         img_BD, txt_CD = _rows_unit_stride(img_BD), _rows_unit_stride(txt_CD)
-        s = float(scale)
+        scale_f32 = scale.detach().float().reshape(1)
         row_lse_B = torch.empty(b, device=img_BD.device, dtype=torch.float32)
         blocks = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]),)  # noqa: E731
         # The row-block count depends on the autotuned BLOCK_M: size the partials for the smallest one
         # (unwritten rows stay -inf and drop out of the logsumexp).
         col_part_MP = torch.full((triton.cdiv(b, MIN_BLOCK), num_pos), float("-inf"), device=img_BD.device, dtype=torch.float32)
-        _lse_fwd_kernel[blocks](img_BD, txt_CD, row_lse_B, col_part_MP, s, b, C, num_pos, D,
+        _lse_fwd_kernel[blocks](img_BD, txt_CD, row_lse_B, col_part_MP, scale_f32, b, C, num_pos, D,
                                 img_BD.stride(0), txt_CD.stride(0), ALLOW_TF32=allow_tf32)
         col_lse_P = torch.logsumexp(col_part_MP, dim=0)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
@@ -159,18 +161,18 @@ class _ClipLSE(torch.autograd.Function):
             parts_WP = torch.empty(world, num_pos, device=img_BD.device, dtype=torch.float32)
             dist.all_gather(list(parts_WP.unbind(0)), col_lse_P, group=group)
             col_lse_P = torch.logsumexp(parts_WP, dim=0)
-        ctx.save_for_backward(img_BD, txt_CD, row_lse_B, col_lse_P)
-        ctx.meta = (s, num_pos, chunk_columns, deterministic, allow_tf32)
+        ctx.save_for_backward(img_BD, txt_CD, row_lse_B, col_lse_P, scale_f32)
+        ctx.meta = (num_pos, chunk_columns, deterministic, allow_tf32)
         local_cols = col_lse_P[row_offset:row_offset + b]
         return (row_lse_B.sum() + local_cols.sum()) / (2 * b)
 
     @staticmethod
     def backward(ctx, grad_out):
-        img_BD, txt_CD, row_lse_B, col_lse_P = ctx.saved_tensors
-        s, num_pos, chunk_columns, deterministic, allow_tf32 = ctx.meta
+        img_BD, txt_CD, row_lse_B, col_lse_P, scale_f32 = ctx.saved_tensors
+        num_pos, chunk_columns, deterministic, allow_tf32 = ctx.meta
         b, D = img_BD.shape
         C = txt_CD.shape[0]
-        coef = float(grad_out) / (2 * b)
+        coef = (grad_out.detach().float() / (2 * b)).reshape(1)  # stays on the device
         chunk = chunk_columns or CHUNK_BYTES // (b * img_BD.element_size())
         chunk = max(MIN_BLOCK, min(C, chunk))
         grad_img_BD = torch.zeros(b, D, device=img_BD.device, dtype=torch.float32)
@@ -183,14 +185,14 @@ class _ClipLSE(torch.autograd.Function):
             width = min(chunk, C - c0)
             grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))  # noqa: E731
             dscale.zero_()
-            _dscores_kernel[grid](img_BD, txt_CD, row_lse_B, col_lse_P, ds_chunk, dscale, s, coef, b, C, num_pos, D,
+            _dscores_kernel[grid](img_BD, txt_CD, row_lse_B, col_lse_P, ds_chunk, dscale, scale_f32, coef, b, C, num_pos, D,
                                   c0, width, img_BD.stride(0), txt_CD.stride(0), ds_chunk.stride(0),
                                   ALLOW_TF32=allow_tf32, DETERMINISTIC=deterministic)
             dscale_total += dscale.sum()
             ds_BW = ds_chunk[:, :width]
             grad_img_BD += _mm_fp32(ds_BW, txt_CD[c0:c0 + width])
-            grad_txt_CD[c0:c0 + width] = (_mm_fp32(ds_BW.T, img_BD) * s).to(txt_CD.dtype)
-        grad_img_BD = (grad_img_BD * s).to(img_BD.dtype)
+            grad_txt_CD[c0:c0 + width] = (_mm_fp32(ds_BW.T, img_BD) * scale_f32).to(txt_CD.dtype)
+        grad_img_BD = (grad_img_BD * scale_f32).to(img_BD.dtype)
         return grad_img_BD, grad_txt_CD, dscale_total.reshape(()), None, None, None, None, None, None
 
 

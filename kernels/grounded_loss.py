@@ -27,11 +27,12 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @triton.jit
 def _grounded_kernel(img_ptr, txt_ptr, t_img_ptr, t_txt_ptr, terms_ptr, d_img_ptr, d_txt_ptr, d_scale_ptr,
-                     scale, tau, c_igc, c_tgc, c_distill, b, K, D, stride_img, stride_txt, stride_t_img, stride_t_txt,
+                     scale_ptr, tau, c_igc, c_tgc, c_distill, b, K, D, stride_img, stride_txt, stride_t_img, stride_t_txt,
                      stride_d_img, stride_d_txt,
                      HAS_IGC: tl.constexpr, HAS_TGC: tl.constexpr, HAS_DISTILL: tl.constexpr,
                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     i = tl.program_id(0)
+    scale = tl.load(scale_ptr)  # read on the device: no host sync for the learnable scale
     ds = tl.arange(0, BLOCK_D)
     d_ok = ds < D
     ks = tl.arange(0, BLOCK_K)
@@ -116,7 +117,7 @@ class _Grounded(torch.autograd.Function):
         d_txt_ND = torch.empty(txt_ND.shape, device=txt_ND.device, dtype=txt_ND.dtype)
         block_d = triton.next_power_of_2(D)
         _grounded_kernel[(b,)](img_BD, txt_ND, t_img_BD, t_txt_ND, terms_B3, d_img_BD, d_txt_ND, d_scale_B,
-                               float(scale), float(tau), w_igc / b, w_tgc / b, float(w_distill), b, K, D,
+                               scale.detach().float().reshape(1), float(tau), w_igc / b, w_tgc / b, float(w_distill), b, K, D,
                                img_BD.stride(0), txt_ND.stride(0), t_img_BD.stride(0), t_txt_ND.stride(0),
                                d_img_BD.stride(0), d_txt_ND.stride(0),
                                HAS_IGC=has_igc, HAS_TGC=has_tgc, HAS_DISTILL=has_distill,
