@@ -22,9 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS, append_rows, bf16_peak_tflops, environment, percentiles  # noqa: E402
 from degla_scale.config import load_config  # noqa: E402
-from degla_scale.trainer import build_engine, init_runtime  # noqa: E402  (picks the DeepSpeed accelerator first)
+from degla_scale.trainer import build_engine, init_runtime, objective_loss  # noqa: E402  (picks the DeepSpeed accelerator first)
 from degla_scale import distributed as D  # noqa: E402
-from degla_scale.objective import degla_loss  # noqa: E402
 
 PHASES = ("data", "teacher_fwd", "student_fwd", "backward", "optimizer", "ema")
 
@@ -79,7 +78,7 @@ def main(argv=None) -> dict:
     cfg = load_config(args.config, overrides)
     device, bf16 = init_runtime(cfg)
     engine, teacher = build_engine(cfg, device, bf16, total_steps=args.warmup + args.steps, load_weights=False)
-    b, K, obj = cfg.data.batch_size, cfg.data.num_negatives, cfg.objective
+    b, K = cfg.data.batch_size, cfg.data.num_negatives
     clip = engine.module.clip
     generator = torch.Generator().manual_seed(D.rank())
     host_images, host_tokens = synthetic_batch(clip, b, K, generator)
@@ -103,9 +102,7 @@ def main(argv=None) -> dict:
             t_img, t_txt = teacher.encode(images, tokens)
         mark()
         img, txt, scale = engine(images, tokens)
-        out = degla_loss(img, txt, scale, t_img, t_txt, num_negatives=K, igc_weight=obj.igc_weight,
-                         tgc_weight=obj.tgc_weight, distill_weight=obj.distill_weight, tgc_scale=obj.tgc_scale,
-                         backend=obj.backend)
+        out = objective_loss(cfg, img, txt, scale, t_img, t_txt)
         mark()
         engine.backward(out.total)
         mark()
@@ -125,7 +122,7 @@ def main(argv=None) -> dict:
     peak = bf16_peak_tflops()
     row = {**environment(), "model": cfg.model.name, "batch": b, "K": K, "world": D.world_size(),
            "zero_stage": cfg.zero.stage, "offload_optimizer": cfg.zero.offload_optimizer, "bf16": bf16,
-           "grad_checkpointing": cfg.model.grad_checkpointing, "backend": obj.backend,
+           "grad_checkpointing": cfg.model.grad_checkpointing, "backend": cfg.objective.backend,
            "step_p20_ms": round(step_ms[0], 3), "step_p50_ms": round(step_ms[1], 3), "step_p80_ms": round(step_ms[2], 3),
            "samples_per_s": round(b * D.world_size() / (step_ms[1] * 1e-3), 2),
            "fwd_gflops_per_sample": round(flops_fwd / b / 1e9, 3), "tflops": float(f"{tflops:.4g}"),

@@ -221,12 +221,17 @@ def forward_backward(run: Run, batch: Batch) -> DeGLALoss:
     t_img_BD = t_txt_ND = None
     if run.teacher is not None:
         t_img_BD, t_txt_ND = run.teacher.encode(images, tokens)
-    obj = run.cfg.objective
-    out = degla_loss(img_BD, txt_ND, scale, t_img_BD, t_txt_ND, num_negatives=run.cfg.data.num_negatives,
-                     igc_weight=obj.igc_weight, tgc_weight=obj.tgc_weight, distill_weight=obj.distill_weight,
-                     tgc_scale=obj.tgc_scale, backend=obj.backend)
+    out = objective_loss(run.cfg, img_BD, txt_ND, scale, t_img_BD, t_txt_ND)
     run.engine.backward(out.total)
     return out
+
+
+def objective_loss(cfg: Config, img_BD, txt_ND, scale, t_img_BD, t_txt_ND) -> DeGLALoss:
+    """The DeGLA loss with the config's K, weights, τ and backend."""
+    obj = cfg.objective
+    return degla_loss(img_BD, txt_ND, scale, t_img_BD, t_txt_ND, num_negatives=cfg.data.num_negatives,
+                      igc_weight=obj.igc_weight, tgc_weight=obj.tgc_weight, distill_weight=obj.distill_weight,
+                      tgc_scale=obj.tgc_scale, backend=obj.backend)
 
 
 def train_step(run: Run, batches: Iterator[Batch]) -> tuple[torch.Tensor, list[str]]:

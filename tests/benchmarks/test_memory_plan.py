@@ -15,20 +15,17 @@ MEASURE = """
 import json, sys, torch
 from torch.profiler import ProfilerActivity, profile
 from degla_scale.config import load_config
-from degla_scale.trainer import build_engine, init_runtime
-from degla_scale.objective import degla_loss
+from degla_scale.trainer import build_engine, init_runtime, objective_loss
 from benchmarks.bench_train_step import synthetic_batch
 cfg = load_config("configs/tiny.yaml", sys.argv[1:] + ["model.pretrained=null"])
 device, bf16 = init_runtime(cfg)
 engine, teacher = build_engine(cfg, device, bf16, total_steps=10, load_weights=False)
 images, tokens = synthetic_batch(engine.module.clip, cfg.data.batch_size, cfg.data.num_negatives, torch.Generator().manual_seed(0))
-o = cfg.objective
 with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
     for _ in range(2):
         t_img, t_txt = teacher.encode(images, tokens)
         img, txt, scale = engine(images, tokens)
-        out = degla_loss(img, txt, scale, t_img, t_txt, num_negatives=cfg.data.num_negatives,
-                         igc_weight=o.igc_weight, tgc_weight=o.tgc_weight, distill_weight=o.distill_weight)
+        out = objective_loss(cfg, img, txt, scale, t_img, t_txt)
         engine.backward(out.total)
         engine.step()
         teacher.update(engine.module)
