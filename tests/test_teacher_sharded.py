@@ -76,6 +76,7 @@ def _train(rank, world, port, stage, offload, out_dir):
     reloaded.load(tag, rank)
     torch.save({"ema": ema, "full": full, "forward": forward_weights, "reloaded": reloaded.full_state_dict(),
                 "updates": reloaded.updates}, out_dir / f"rank{rank}.pt")
+    _shutdown()
 
 
 def _reload_one_rank(rank, world, port, stage, out_dir):
@@ -85,6 +86,15 @@ def _reload_one_rank(rank, world, port, stage, out_dir):
     teacher = ShardedEMATeacher(_engine(stage), ALPHA)
     teacher.load(out_dir / "tag", rank)  # 2-rank shards do not fit: re-partition teacher.pt
     torch.save({"full": teacher.full_state_dict(), "updates": teacher.updates}, out_dir / "one_rank.pt")
+    _shutdown()
+
+
+def _shutdown():
+    """Tear the process group down before exit: gloo threads still alive at interpreter exit can abort it."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("stage,offload", [(1, False), (2, False), (2, True)], ids=["zero1", "zero2", "zero2-offload"])
