@@ -10,7 +10,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -31,10 +31,12 @@ from degla_scale.logs import RunLog, plot_loss_curves  # noqa: E402
 from degla_scale.models import (MAX_LOGIT_SCALE, DeGLAModel, build_model, image_transform,  # noqa: E402
                                 open_clip_layout, tokenizer)
 from degla_scale.objective import DeGLALoss, degla_loss  # noqa: E402
-from degla_scale.teacher import EMATeacher, ShardedEMATeacher  # noqa: E402
+from degla_scale.teacher import EMATeacher  # noqa: E402
+from degla_scale.teacher_sharded import ShardedEMATeacher, ZeRO3EMATeacher  # noqa: E402
 from degla_scale.telemetry import Telemetry  # noqa: E402
 
 LOSS_TERMS = ("total", "clip", "igc", "tgc", "distill")
+Teacher = EMATeacher | ShardedEMATeacher | ZeRO3EMATeacher
 
 
 def check_data(cfg: Config) -> int:
@@ -124,7 +126,7 @@ class Run:
 
     cfg: Config
     engine: deepspeed.DeepSpeedEngine
-    teacher: EMATeacher | ShardedEMATeacher | None
+    teacher: Teacher | None
     reader: ShardReader
     log: RunLog
     device: torch.device
@@ -170,7 +172,7 @@ def init_runtime(cfg: Config) -> tuple[torch.device, bool]:
 
 
 def build_engine(cfg: Config, device: torch.device, bf16: bool, total_steps: int,
-                 load_weights: bool = True) -> tuple[deepspeed.DeepSpeedEngine, EMATeacher | ShardedEMATeacher | None]:
+                 load_weights: bool = True) -> tuple[deepspeed.DeepSpeedEngine, Teacher | None]:
     """The student inside its DeepSpeed engine (AdamW, warm-up + cosine) and the EMA teacher, if the loss needs one."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, load_weights=load_weights)
@@ -179,14 +181,26 @@ def build_engine(cfg: Config, device: torch.device, bf16: bool, total_steps: int
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_ds_config(cfg, bf16, device.type == "cuda",
                                                                   sum(p.numel() for p in model.parameters())))
-    teacher = None
+    return engine, build_teacher(cfg, engine, device, bf16)
+
+
+def build_teacher(cfg: Config, engine: deepspeed.DeepSpeedEngine, device: torch.device, bf16: bool) -> Teacher | None:
+    """The EMA teacher in the layout of the student's ZeRO stage (None when the loss needs no teacher)."""
+    if not cfg.objective.needs_teacher:
+        return None
     autocast = torch.bfloat16 if bf16 else None
-    if cfg.objective.needs_teacher and cfg.zero.stage in (1, 2):
-        teacher = ShardedEMATeacher(engine, cfg.teacher.ema_alpha, cfg.teacher.refresh_every, autocast,
-                                    offload=cfg.teacher.offload == "cpu")
-    elif cfg.objective.needs_teacher:
-        teacher = EMATeacher(engine.module, cfg.teacher.ema_alpha, autocast).to(device)
-    return engine, teacher
+    offload = cfg.teacher.offload == "cpu"
+    if cfg.zero.stage in (1, 2):
+        return ShardedEMATeacher(engine, cfg.teacher.ema_alpha, cfg.teacher.refresh_every, autocast, offload)
+    if cfg.zero.stage == 3:  # a second stage-3 engine, no optimizer, partitioned like the student
+        model = build_model(replace(cfg.model, grad_checkpointing=False), load_weights=False)  # weights come from the EMA
+        zero = zero_section(cfg, device.type == "cuda", sum(p.numel() for p in model.parameters()))
+        zero.pop("offload_optimizer", None)
+        ds = {"train_micro_batch_size_per_gpu": cfg.data.batch_size, "gradient_accumulation_steps": cfg.schedule.grad_accum,
+              "zero_optimization": zero, "bf16": {"enabled": bf16}, "steps_per_print": 1 << 30}
+        teacher_engine, *_ = deepspeed.initialize(model=model.requires_grad_(False), config=ds)
+        return ZeRO3EMATeacher(engine, teacher_engine, cfg.teacher.ema_alpha, cfg.teacher.refresh_every, offload)
+    return EMATeacher(engine.module, cfg.teacher.ema_alpha, autocast).to(device)
 
 
 def setup(cfg: Config) -> Run:

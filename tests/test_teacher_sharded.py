@@ -1,9 +1,10 @@
-"""The ZeRO-1/2 sharded EMA teacher against a replicated float64 EMA computed here from the student's weights.
+"""The ZeRO-1/2/3 sharded EMA teachers against a replicated float64 EMA computed here from the student's weights.
 
-Two gloo ranks train a small model (with and without the EMA offloaded to a host thread) (sizes chosen so DeepSpeed pads its flat buffers) for a few steps;
-after every optimizer step the test folds the student's full weights into its own EMA. The sharded
-teacher's gathered fp32 EMA and its refreshed forward weights must equal that EMA to fp32 rounding, and
-its checkpoint must load back on 2 ranks (own shards) and on 1 rank (re-partitioned from teacher.pt).
+Two gloo ranks train a small model (sizes chosen so DeepSpeed pads its partitions) for a few steps, with
+and without the EMA offloaded to a host thread; after every optimizer step the test folds the student's
+full weights into its own EMA. The sharded teacher's gathered fp32 EMA, its refreshed forward weights and
+(ZeRO-3) its forward output must equal that EMA's to fp32 rounding, and its checkpoint must load back on
+2 ranks (own shards) and on 1 rank (re-partitioned from teacher.pt).
 """
 import os
 
@@ -40,6 +41,31 @@ def _engine(stage):
     return engine
 
 
+def _teacher(stage, engine, **kwargs):
+    """The trainer's choice of layout: a replicated module (ZeRO-1/2) or a second, optimizer-less stage-3 engine."""
+    if stage < 3:
+        from degla_scale.teacher_sharded import ShardedEMATeacher
+
+        return ShardedEMATeacher(engine, ALPHA, **kwargs)
+    import deepspeed
+
+    from degla_scale.teacher_sharded import ZeRO3EMATeacher
+
+    torch.manual_seed(123)  # weights unlike the student's: the teacher's must all come from the EMA shards
+    config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3}, "steps_per_print": 1 << 30}
+    teacher_engine, *_ = deepspeed.initialize(model=Small().requires_grad_(False), config=config)
+    return ZeRO3EMATeacher(engine, teacher_engine, ALPHA, **kwargs)
+
+
+def _full(params):
+    """Full values of possibly ZeRO-3-partitioned parameters, by name."""
+    import deepspeed
+
+    params = dict(params)
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        return {n: p.detach().clone() for n, p in params.items()}
+
+
 def _init(rank, world, port):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -53,37 +79,37 @@ def _init(rank, world, port):
 
 def _train(rank, world, port, stage, offload, out_dir):
     _init(rank, world, port)
-    from degla_scale.teacher import ShardedEMATeacher
-
     engine = _engine(stage)
-    teacher = ShardedEMATeacher(engine, ALPHA, refresh_every=2, offload=offload)
-    ema = {n: p.detach().double().clone() for n, p in engine.module.named_parameters()}
+    teacher = _teacher(stage, engine, refresh_every=2, offload=offload)
+    ema = {n: p.double() for n, p in _full(engine.module.named_parameters()).items()}
     g = torch.Generator().manual_seed(rank)
     for _ in range(STEPS):
         x = torch.randn(4, 7, generator=g)
+        with torch.no_grad():  # as in training: the teacher's forward runs between refreshes
+            (teacher.engine if stage == 3 else teacher.module)(x)
         engine.backward(engine(x).pow(2).mean())
         engine.step()
         teacher.update(engine.module)
-        for n, p in engine.module.named_parameters():  # ZeRO-1/2 keep the full student on every rank
-            ema[n] = ALPHA * ema[n] + (1 - ALPHA) * p.detach().double()
+        for n, p in _full(engine.module.named_parameters()).items():
+            ema[n] = ALPHA * ema[n] + (1 - ALPHA) * p.double()
     teacher.refresh()
     full = teacher.full_state_dict()
-    forward_weights = {n: p.detach().clone() for n, p in teacher.module.named_parameters()}
+    x = torch.randn(3, 7, generator=torch.Generator().manual_seed(99))
+    output = teacher.engine(x) if stage == 3 else None  # the teacher's own forward (gathers its partitions)
+    forward_weights = _full(teacher.module.named_parameters())
     tag = out_dir / "tag"
     tag.mkdir(exist_ok=True)
     teacher.save(tag, rank)
-    reloaded = ShardedEMATeacher(engine, ALPHA)  # starts from the student, then loads its own shards
+    reloaded = _teacher(stage, engine)  # starts from the student, then loads its own shards
     reloaded.load(tag, rank)
     torch.save({"ema": ema, "full": full, "forward": forward_weights, "reloaded": reloaded.full_state_dict(),
-                "updates": reloaded.updates}, out_dir / f"rank{rank}.pt")
+                "updates": reloaded.updates, "x": x, "output": output}, out_dir / f"rank{rank}.pt")
     _shutdown()
 
 
 def _reload_one_rank(rank, world, port, stage, out_dir):
     _init(rank, world, port)
-    from degla_scale.teacher import ShardedEMATeacher
-
-    teacher = ShardedEMATeacher(_engine(stage), ALPHA)
+    teacher = _teacher(stage, _engine(stage))
     teacher.load(out_dir / "tag", rank)  # 2-rank shards do not fit: re-partition teacher.pt
     torch.save({"full": teacher.full_state_dict(), "updates": teacher.updates}, out_dir / "one_rank.pt")
     _shutdown()
@@ -97,7 +123,8 @@ def _shutdown():
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("stage,offload", [(1, False), (2, False), (2, True)], ids=["zero1", "zero2", "zero2-offload"])
+@pytest.mark.parametrize("stage,offload", [(1, False), (2, False), (2, True), (3, False), (3, True)],
+                         ids=["zero1", "zero2", "zero2-offload", "zero3", "zero3-offload"])
 def test_sharded_teacher_equals_replicated_ema_and_reloads_on_fewer_ranks(tmp_path, stage, offload):
     mp.spawn(_train, args=(2, free_port(), stage, offload, tmp_path), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -107,6 +134,9 @@ def test_sharded_teacher_equals_replicated_ema_and_reloads_on_fewer_ranks(tmp_pa
             torch.testing.assert_close(r["full"][name].double(), want, rtol=1e-6, atol=1e-7, msg=name)
             torch.testing.assert_close(r["forward"][name].double(), want, rtol=1e-6, atol=1e-7, msg=name)
             torch.testing.assert_close(r["reloaded"][name], r["full"][name], rtol=0, atol=0, msg=name)
+        if stage == 3:
+            want = torch.func.functional_call(Small().double(), r["ema"], (r["x"].double(),))
+            torch.testing.assert_close(r["output"].double(), want, rtol=1e-5, atol=1e-6)
     for name in results[0]["ema"]:  # the ranks trained on different data but hold one student and one EMA
         torch.testing.assert_close(results[0]["full"][name], results[1]["full"][name], rtol=0, atol=0)
 

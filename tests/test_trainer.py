@@ -96,11 +96,12 @@ def zero0_two_ranks(shards, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", [["zero.stage=1"], ["zero.stage=2", "zero.offload_optimizer=cpu"],
-                                    ["zero.stage=2", "teacher.offload=cpu"]],
-                         ids=["zero1", "zero2-offload", "zero2-teacher-offload"])
+                                    ["zero.stage=2", "teacher.offload=cpu"], ["zero.stage=3"],
+                                    ["zero.stage=3", "teacher.offload=cpu", "zero.offload_params=cpu"]],
+                         ids=["zero1", "zero2-offload", "zero2-teacher-offload", "zero3", "zero3-teacher-param-offload"])
 def test_deepspeed_launcher_two_cpu_ranks(tmp_path, shards, zero0_two_ranks, preset):
     """`deepspeed --num_gpus 2` on CPU: disjoint samples per rank, and the same loss curve as plain data
-    parallelism with a replicated teacher (ZeRO-1/2 shard the teacher, offloaded or not)."""
+    parallelism with a replicated teacher (ZeRO-1/2/3 shard the teacher, offloaded or not)."""
     run_dir = tmp_path / "two"
     recs = launch_two_ranks(shards, run_dir, 29533, *preset)
     assert sorted(recs) == [1, 2, 3, 4]
