@@ -9,8 +9,9 @@ Static bytes follow from the parameter count P (counted on the meta device), the
     gradients    p·P at ZeRO-0/1, p·P/W at ZeRO-2/3, plus DeepSpeed's reduce bucket at ZeRO ≥ 1
     optimizer    Adam moments 8·P, plus the fp32 master 4·P unless ZeRO-0 trains in fp32; /W at ZeRO ≥ 1
                  (0 with optimizer offload)
-    teacher      ZeRO-0: a replicated fp32 EMA, 4·P; ZeRO-1/2: the fp32 EMA shard 4·P/W (0 when offloaded)
-                 plus the forward copy p·P
+    teacher      ZeRO-0: a replicated fp32 EMA, 4·P; ZeRO-1/2/3: the fp32 EMA shard 4·P/W (0 when it or the optimizer is offloaded)
+                 plus the forward weights: a replicated copy p·P (ZeRO-1/2) or partitions p·P/W (ZeRO-3,
+                 0 with parameter offload)
 Activations are not guessed: the model runs one sample (an image and its 1 + K captions) forward on the
 meta device, in the training dtype and with the configured gradient checkpointing, and the bytes autograd
 saves for backward are counted (with checkpointing, plus one block's full activations for its recompute,
@@ -109,8 +110,10 @@ def plan(cfg: Config, world: int, on_gpu: bool = True) -> Plan:
     if cfg.objective.needs_teacher:
         if z.stage == 0:
             teacher = 4.0 * P
-        else:
-            teacher = (0.0 if cfg.teacher.offload == "cpu" else 4 * P / W) + p * P
+        else:  # the EMA shard sits beside the fp32 masters, on the host when either is offloaded
+            on_host = "cpu" in (cfg.teacher.offload, z.offload_optimizer)
+            forward = p * P if z.stage < 3 else (0.0 if z.offload_params == "cpu" else p * P / W)
+            teacher = (0.0 if on_host else 4 * P / W) + forward
     b, K = cfg.data.batch_size, cfg.data.num_negatives
     B, N = W * b, W * b * (1 + K)
     if cfg.objective.backend == "torch" or not on_gpu:  # explicit fp32 logits: i2t [b, N] and t2i [b, B], + softmax grads

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -22,6 +21,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from degla_scale import checkpoint  # noqa: E402
 from degla_scale import distributed as D  # noqa: E402
 from degla_scale.config import Config, ConfigError, as_dict  # noqa: E402
 from degla_scale.data.reader import (  # noqa: E402
@@ -54,7 +54,7 @@ def check_data(cfg: Config) -> int:
     return int(num_samples)
 
 
-def build_ds_config(cfg: Config, bf16: bool, on_cuda: bool, num_params: int) -> dict:
+def build_ds_config(cfg: Config, bf16: bool, on_cuda: bool, num_params: int, load_universal: bool = False) -> dict:
     ds = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.schedule.grad_accum,
@@ -66,6 +66,8 @@ def build_ds_config(cfg: Config, bf16: bool, on_cuda: bool, num_params: int) -> 
     }
     if cfg.optim.grad_clip > 0:
         ds["gradient_clipping"] = cfg.optim.grad_clip
+    if load_universal:  # resuming on another number of ranks (checkpoint.prepare made the universal copy)
+        ds["checkpoint"] = {"load_universal": True}
     return ds
 
 
@@ -134,6 +136,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     telemetry: Telemetry
+    layout: checkpoint.Layout  # step 0: how this run is laid out over ranks
     step: int = 0
     position: DataPosition | None = None
 
@@ -171,8 +174,8 @@ def init_runtime(cfg: Config) -> tuple[torch.device, bool]:
     return device, bf16
 
 
-def build_engine(cfg: Config, device: torch.device, bf16: bool, total_steps: int,
-                 load_weights: bool = True) -> tuple[deepspeed.DeepSpeedEngine, Teacher | None]:
+def build_engine(cfg: Config, device: torch.device, bf16: bool, total_steps: int, load_weights: bool = True,
+                 load_universal: bool = False) -> tuple[deepspeed.DeepSpeedEngine, Teacher | None]:
     """The student inside its DeepSpeed engine (AdamW, warm-up + cosine) and the EMA teacher, if the loss needs one."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, load_weights=load_weights)
@@ -180,7 +183,7 @@ def build_engine(cfg: Config, device: torch.device, bf16: bool, total_steps: int
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule.warmup_steps, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_ds_config(cfg, bf16, device.type == "cuda",
-                                                                  sum(p.numel() for p in model.parameters())))
+                                                                  sum(p.numel() for p in model.parameters()), load_universal))
     return engine, build_teacher(cfg, engine, device, bf16)
 
 
@@ -213,15 +216,22 @@ def setup(cfg: Config) -> Run:
         raise ConfigError(f"{num_samples} samples fill no optimizer step of {per_step} (ranks × batch × accum): "
                           "lower data.batch_size or schedule.grad_accum")
     total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * steps_per_epoch
-    engine, teacher = build_engine(cfg, device, bf16, total_steps)
+    layout = checkpoint.Layout(0, world, cfg.data.batch_size, cfg.schedule.grad_accum)
+    point = checkpoint.find(cfg)
+    universal = point is not None and checkpoint.prepare(point, layout, cfg.zero.stage, bf16)
+    engine, teacher = build_engine(cfg, device, bf16, total_steps, load_universal=universal)
     reader = ShardReader(
         list_shards(cfg.data.train_shards), batch_size=cfg.data.batch_size, num_negatives=cfg.data.num_negatives,
         num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, rank=rank,
         world=world, transform=image_transform(cfg.model), tokenize=tokenizer(cfg.model),
     )
     log = RunLog(Path(cfg.run_dir), enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
-    return Run(cfg, engine, teacher, reader, log, device, torch.bfloat16 if bf16 else torch.float32,
-               steps_per_epoch, total_steps, Telemetry(device), position=DataPosition())
+    run = Run(cfg, engine, teacher, reader, log, device, torch.bfloat16 if bf16 else torch.float32,
+              steps_per_epoch, total_steps, Telemetry(device), layout, position=DataPosition())
+    if point is not None:
+        run.position = checkpoint.load(point, universal, layout, engine, teacher, cfg.data.num_workers)
+        run.step = point.saved.step
+    return run
 
 
 # ---------------------------------------------------------------- the step
@@ -266,43 +276,6 @@ def train_step(run: Run, batches: Iterator[Batch]) -> tuple[torch.Tensor, list[s
     return terms / run.cfg.schedule.grad_accum, keys
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(run: Run) -> None:
-    """Per-rank data position and the teacher first; DeepSpeed writes `latest` last, so a kill mid-save
-    leaves the previous checkpoint as the one to resume."""
-    tag = f"step{run.step:08d}"
-    tag_dir = run.ckpt_dir / tag
-    tag_dir.mkdir(parents=True, exist_ok=True)
-    rank = D.rank()
-    (tag_dir / f"data_rank{rank}.json").write_text(json.dumps(run.position.to_json()))
-    if run.teacher is not None:
-        run.teacher.save(tag_dir, rank)
-    run.engine.save_checkpoint(str(run.ckpt_dir), tag=tag, client_state={"step": run.step})
-    if rank == 0:
-        tags = sorted(p for p in run.ckpt_dir.glob("step*") if p.is_dir())
-        for old in tags[: -run.cfg.checkpoint.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def maybe_resume(run: Run) -> None:
-    latest = run.ckpt_dir / "latest"
-    if run.cfg.checkpoint.resume != "auto" or not latest.is_file():
-        return
-    tag = latest.read_text().strip()
-    load_path, client_state = run.engine.load_checkpoint(str(run.ckpt_dir), tag=tag)
-    if load_path is None:
-        raise RuntimeError(f"could not load checkpoint {run.ckpt_dir / tag}: delete it or set checkpoint.resume=none")
-    run.step = client_state["step"]
-    if run.teacher is not None:
-        run.teacher.load(run.ckpt_dir / tag, D.rank())
-    position_file = run.ckpt_dir / tag / f"data_rank{D.rank()}.json"
-    if not position_file.is_file():
-        raise RuntimeError(f"{position_file} is missing (was the run saved with fewer ranks?): resume with the same number of ranks")
-    run.position = DataPosition.from_json(json.loads(position_file.read_text()))
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -335,7 +308,6 @@ def _gather_objects(obj) -> list:
 def train(cfg: Config) -> dict:
     """Run (or resume) training to the end; returns the last log record."""
     run = setup(cfg)
-    maybe_resume(run)
     rank0 = D.rank() == 0
     if rank0:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
@@ -370,7 +342,8 @@ def train(cfg: Config) -> dict:
                     progress.set_postfix(loss=f"{record['loss.total']:.4f}", refresh=False)
                 terms_sum, n, keys, t0 = torch.zeros_like(terms_sum), 0, [], time.perf_counter()
             if run.step % cfg.checkpoint.every == 0 or last:
-                save_checkpoint(run)
+                checkpoint.save(run.ckpt_dir, replace(run.layout, step=run.step), run.engine, run.teacher,
+                                run.position, cfg.checkpoint.keep_last)
             if progress is not None:
                 progress.update(1)
         del batches  # shuts the epoch's data workers down

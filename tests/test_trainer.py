@@ -80,13 +80,15 @@ def test_sigkill_and_relaunch_resumes(tmp_path, shards):
     assert (killed / "loss_curve.png").stat().st_size > 0
 
 
-def launch_two_ranks(shards, run_dir, port, *extra):
+def launch_two_ranks(shards, run_dir, port, *extra, steps=4, script=ROOT / "launch/train.py", script_args=None):
+    """`deepspeed --num_gpus 2` on `script` (the trainer by default) → the run's records by step."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    result = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(ROOT / "launch/train.py"),
-                             "--config", str(ROOT / "configs/tiny.yaml"), *overrides(shards, run_dir, steps=4), *extra],
+    args = ["--config", str(ROOT / "configs/tiny.yaml")] if script_args is None else script_args
+    result = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(script), *args,
+                             *overrides(shards, run_dir, steps=steps), *extra],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
-    return steps_of(run_dir)
+    return steps_of(run_dir) if (Path(run_dir) / "train.jsonl").exists() else {}
 
 
 @pytest.fixture(scope="module")

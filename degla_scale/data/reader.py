@@ -175,6 +175,26 @@ class DataPosition:
         return cls(d["epoch"], d["batches"], list(d["consumed"]), dict(d.get("rejected", {})))
 
 
+def reshard_position(saved: list[DataPosition], saved_accum: int, accum: int, num_workers: int, batch_size: int,
+                     rank: int) -> DataPosition:
+    """This rank's position when a run resumes on another number of ranks (same global batch).
+
+    It keeps the epoch and the optimizer step within it, and skips as many raw samples per worker as the
+    new layout would have read by then. Shards are dealt to (rank, worker) slots, so the new ranks' streams
+    are not the old ones: within this epoch the skip is by count, not by sample. The run-wide reject counts
+    stay with rank 0 so that their sum over ranks is unchanged."""
+    epochs = {p.epoch for p in saved}
+    steps = {p.batches // saved_accum for p in saved}
+    if len(epochs) != 1 or len(steps) != 1:
+        raise DataError(f"the saved ranks disagree on their data position (epochs {sorted(epochs)}, steps {sorted(steps)}): "
+                        "the checkpoint is inconsistent")
+    batches = steps.pop() * accum
+    workers = max(num_workers, 1)
+    consumed = [len(range(w, batches, workers)) * batch_size for w in range(workers)]
+    rejected = dict(sum((Counter(p.rejected) for p in saved), Counter())) if rank == 0 else {}
+    return DataPosition(epochs.pop(), batches, consumed, rejected)
+
+
 class ShardReader:
     """Iterates one epoch of batches for this rank from a `DataPosition`, updating it as it goes."""
 
