@@ -38,7 +38,10 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_shards: str = "data/synthetic/finetune"
-    """webdataset shards: a directory of .tar files, a brace pattern (`shard-{000000..000099}.tar`) or a glob."""
+    """wds: a directory of .tar files, a brace pattern (`shard-{000000..000099}.tar`) or a glob;
+    mds: a directory holding MDS shards and their index.json."""
+    format: str = "wds"
+    """Shard format: wds (webdataset tar shards) or mds (mosaicml-streaming); both hold the same samples."""
     num_negatives: int = 4
     """K hard negatives per sample used by the loss; 0 = plain CLIP. Must be 0 or the K stored in the shards."""
     batch_size: int = 32
@@ -52,6 +55,7 @@ class DataConfig:
 
     def __post_init__(self):
         _check(self.num_negatives >= 0, f"data.num_negatives={self.num_negatives} is negative: use 0 (plain CLIP) or K > 0")
+        _check(self.format in ("wds", "mds"), f"data.format={self.format!r} must be wds or mds")
         _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
         _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
         _check(self.shuffle_buffer >= 0, f"data.shuffle_buffer={self.shuffle_buffer} must be >= 0")

@@ -27,6 +27,7 @@ from degla_scale.config import Config, ConfigError, as_dict  # noqa: E402
 from degla_scale.data.reader import (  # noqa: E402
     Batch, DataPosition, ShardReader, list_shards, peek_num_negatives, read_manifest,
 )
+from degla_scale.data.mds import MDSReader  # noqa: E402
 from degla_scale.logs import RunLog, plot_loss_curves  # noqa: E402
 from degla_scale.models import (MAX_LOGIT_SCALE, DeGLAModel, build_model, image_transform,  # noqa: E402
                                 open_clip_layout, tokenizer)
@@ -41,9 +42,18 @@ Teacher = EMATeacher | ShardedEMATeacher | ZeRO3EMATeacher
 
 def check_data(cfg: Config) -> int:
     """Validate shards against the config before any process group starts; return samples per epoch."""
-    shards = list_shards(cfg.data.train_shards)
     manifest = read_manifest(cfg.data.train_shards) or {}
-    data_k = manifest["num_negatives"] if "num_negatives" in manifest else peek_num_negatives(shards)
+    if cfg.data.format == "mds":
+        from streaming import LocalDataset
+
+        from degla_scale.data.mds import check_mds
+
+        check_mds(cfg.data.train_shards)
+        local = LocalDataset(cfg.data.train_shards)
+        data_k = len(local[0].get("negatives") or [])
+        manifest.setdefault("num_samples", len(local))
+    else:
+        data_k = manifest["num_negatives"] if "num_negatives" in manifest else peek_num_negatives(list_shards(cfg.data.train_shards))
     k = cfg.data.num_negatives
     if k not in (0, data_k):
         raise ConfigError(f"data.num_negatives={k} but the shards in {cfg.data.train_shards} hold {data_k} "
@@ -52,6 +62,16 @@ def check_data(cfg: Config) -> int:
     if not num_samples:
         raise ConfigError(f"no manifest.json beside {cfg.data.train_shards}: set data.num_samples to the number of samples")
     return int(num_samples)
+
+
+def build_reader(cfg: Config, rank: int, world: int) -> ShardReader | MDSReader:
+    """This rank's batches of the configured shard format (same samples, same Batch either way)."""
+    d = cfg.data
+    common = dict(batch_size=d.batch_size, num_negatives=d.num_negatives, num_workers=d.num_workers, seed=cfg.seed,
+                  transform=image_transform(cfg.model), tokenize=tokenizer(cfg.model))
+    if d.format == "mds":
+        return MDSReader(d.train_shards, **common)
+    return ShardReader(list_shards(d.train_shards), shuffle_buffer=d.shuffle_buffer, rank=rank, world=world, **common)
 
 
 def build_ds_config(cfg: Config, bf16: bool, on_cuda: bool, num_params: int, load_universal: bool = False) -> dict:
@@ -129,7 +149,7 @@ class Run:
     cfg: Config
     engine: deepspeed.DeepSpeedEngine
     teacher: Teacher | None
-    reader: ShardReader
+    reader: ShardReader | MDSReader
     log: RunLog
     device: torch.device
     input_dtype: torch.dtype
@@ -220,11 +240,7 @@ def setup(cfg: Config) -> Run:
     point = checkpoint.find(cfg)
     universal = point is not None and checkpoint.prepare(point, layout, cfg.zero.stage, bf16)
     engine, teacher = build_engine(cfg, device, bf16, total_steps, load_universal=universal)
-    reader = ShardReader(
-        list_shards(cfg.data.train_shards), batch_size=cfg.data.batch_size, num_negatives=cfg.data.num_negatives,
-        num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, rank=rank,
-        world=world, transform=image_transform(cfg.model), tokenize=tokenizer(cfg.model),
-    )
+    reader = build_reader(cfg, rank, world)
     log = RunLog(Path(cfg.run_dir), enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
     run = Run(cfg, engine, teacher, reader, log, device, torch.bfloat16 if bf16 else torch.float32,
               steps_per_epoch, total_steps, Telemetry(device), layout, position=DataPosition())
@@ -326,7 +342,7 @@ def train(cfg: Config) -> dict:
     record: dict = {}
     while run.step < run.total_steps:
         if run.position.batches >= micro_per_epoch:
-            run.position = DataPosition(run.position.epoch + 1, 0, [], run.position.rejected)
+            run.position = replace(run.position, epoch=run.position.epoch + 1, batches=0, consumed=[])
         batches = run.reader.epoch(run.position)
         while run.step < run.total_steps and run.position.batches < micro_per_epoch:
             terms, step_keys = train_step(run, batches)

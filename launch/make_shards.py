@@ -1,8 +1,8 @@
 """Make training shards and evaluation files.
 
-    python launch/make_shards.py --from synthetic --out data/synthetic [--seed 0] [--num-negatives 4]
+    python launch/make_shards.py --from synthetic --out data/synthetic [--format wds|mds] [--seed 0] [--num-negatives 4]
 
-`synthetic` writes pretrain/ and finetune/ webdataset shards (with manifest.json), SugarCrepe-format
+`synthetic` writes pretrain/ and finetune/ shards (webdataset or MDS, with manifest.json), SugarCrepe-format
 evaluation files and a zero-shot split (see degla_scale/data/synthetic.py).
 """
 import argparse
@@ -17,6 +17,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="source", required=True, choices=["synthetic"], help="where the samples come from")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--format", default="wds", choices=["wds", "mds"], help="webdataset tar or mosaicml-streaming MDS shards")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-negatives", type=int, default=4, help="K hard negatives per fine-tuning sample")
     parser.add_argument("--pretrain-samples", type=int, default=24000)
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
         Path(args.out), seed=args.seed, pretrain_samples=args.pretrain_samples,
         finetune_samples=args.finetune_samples, num_negatives=args.num_negatives,
         eval_per_type=args.eval_per_type, zeroshot_per_class=args.zeroshot_per_class,
-        shard_size=args.shard_size, workers=args.workers,
+        shard_size=args.shard_size, workers=args.workers, fmt=args.format,
     )
     summary = {
         "pretrain_samples": report["pretrain"]["num_samples"], "finetune_samples": report["finetune"]["num_samples"],

@@ -17,7 +17,7 @@ import torch
 from degla_scale.checkpoint import Layout, ResumePoint, prepare
 from degla_scale.config import ConfigError
 from degla_scale.data.reader import DataPosition, reshard_position
-from test_trainer import launch_two_ranks, overrides, records, shards, steps_of  # noqa: F401 (shards: a fixture)
+from test_trainer import launch_two_ranks, mds_shards, overrides, records, shards, steps_of  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,3 +105,23 @@ def test_reshard_position_keeps_the_step_and_the_reject_counts():
     assert mine[1].rejected == {} and mine[1].batches == 3
     with pytest.raises(ValueError, match="disagree"):
         reshard_position([saved[0], DataPosition(2, 6, [1, 1], {})], 2, 1, 2, 32, 0)
+
+
+@pytest.mark.slow
+def test_mds_two_rank_checkpoint_resumes_on_one_rank_with_the_same_samples(tmp_path, shards, mds_shards):
+    """StreamingDataset's state counts samples over all ranks: after 2 → 1 each later step's global batch
+    holds exactly the samples the 2-rank run put in it (the order within it may differ)."""
+    data = ["data.format=mds", f"data.train_shards={mds_shards}", "checkpoint.every=2"]
+    reference = launch_two_ranks(shards, tmp_path / "two", 29561, *data, steps=5)
+    one = tmp_path / "one"
+    _copy_checkpoint(tmp_path / "two", "step00000002", one)
+    done = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--config", "configs/tiny.yaml",
+                           *overrides(shards, one, steps=5), *data, "data.batch_size=16"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = steps_of(one)
+    assert sorted(resumed) == [3, 4, 5]
+    for step, r in resumed.items():
+        (ids,) = r["sample_ids"]  # one rank
+        want = [k for rank_ids in reference[step]["sample_ids"] for k in rank_ids]
+        assert len(ids) == 16 and sorted(ids) == sorted(want), f"step {step} saw other samples"

@@ -109,27 +109,35 @@ def _seeded_shuffle(bufsize: int, seed: int, epoch: int, rank: int):
 
 
 def decode_sample(sample: dict, num_negatives: int) -> tuple[Image.Image, str, list[str]]:
-    """→ (RGB image, positive, negatives); raises ValueError naming what is wrong."""
+    """webdataset sample → (RGB image, positive, negatives); raises ValueError naming what is wrong."""
     for key in ("jpg", "txt"):
         if key not in sample:
             raise ValueError(f"missing '{key}'")
+    negatives = json.loads(sample["json"]).get("negatives", []) if "json" in sample else []
+    return decode_image_sample(sample["jpg"], sample["txt"].decode("utf-8"), negatives, num_negatives)
+
+
+def decode_image_sample(image: bytes | Image.Image, caption: str, negatives: list[str],
+                        num_negatives: int) -> tuple[Image.Image, str, list[str]]:
+    """(JPEG bytes or opened image, caption, negatives) → (RGB image, positive, the K negatives used);
+    raises ValueError naming what is wrong. Shared by both shard formats."""
     try:
-        with Image.open(io.BytesIO(sample["jpg"])) as im:
-            image = im.convert("RGB")  # some JPEGs (COCO) are grayscale
+        with (Image.open(io.BytesIO(image)) if isinstance(image, bytes) else image) as im:
+            rgb = im.convert("RGB")  # some JPEGs (COCO) are grayscale
     except Exception as exc:
         raise ValueError(f"corrupt image ({type(exc).__name__})") from None
-    caption = sample["txt"].decode("utf-8").strip()
+    caption = caption.strip()
     if not caption:
         raise ValueError("empty caption")
-    negatives = json.loads(sample["json"]).get("negatives", []) if "json" in sample else []
     if num_negatives and len(negatives) != num_negatives:
         raise ValueError(f"{len(negatives)} negatives, expected {num_negatives}")
-    return image, caption, negatives[:num_negatives]
+    return rgb, caption, list(negatives[:num_negatives])
 
 
-def _reason(exc: ValueError) -> str:
-    text = str(exc)
-    return "corrupt_image" if text.startswith("corrupt") else "wrong_negatives" if "negatives" in text else text.replace(" ", "_").strip("'")
+def reject_reason(message: str) -> str:
+    """A decode error message → the short reason counted in the logs."""
+    return ("corrupt_image" if message.startswith("corrupt") else "wrong_negatives" if "negatives" in message
+            else message.replace(" ", "_").strip("'"))
 
 
 def _batches(batch_size: int, num_negatives: int, transform: Callable, tokenize: Callable, skip: list[int]):
@@ -146,7 +154,7 @@ def _batches(batch_size: int, num_negatives: int, transform: Callable, tokenize:
             try:
                 image, caption, negs = decode_sample(sample, num_negatives)
             except ValueError as exc:
-                rejected[_reason(exc)] += 1
+                rejected[reject_reason(str(exc))] += 1
                 continue
             images.append(transform(image))
             positives.append(caption)
@@ -166,22 +174,25 @@ class DataPosition:
     batches: int = 0  # batches delivered this epoch
     consumed: list[int] = field(default_factory=list)  # raw samples consumed per worker this epoch
     rejected: dict = field(default_factory=dict)  # bad samples skipped so far, by reason (whole run)
+    stream: dict | None = None  # MDS: StreamingDataLoader.state_dict() after the last batch
 
     def to_json(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.batches, "consumed": self.consumed, "rejected": dict(self.rejected)}
+        return {"epoch": self.epoch, "batches": self.batches, "consumed": self.consumed, "rejected": dict(self.rejected),
+                "stream": self.stream}
 
     @classmethod
     def from_json(cls, d: dict) -> "DataPosition":
-        return cls(d["epoch"], d["batches"], list(d["consumed"]), dict(d.get("rejected", {})))
+        return cls(d["epoch"], d["batches"], list(d["consumed"]), dict(d.get("rejected", {})), d.get("stream"))
 
 
 def reshard_position(saved: list[DataPosition], saved_accum: int, accum: int, num_workers: int, batch_size: int,
                      rank: int) -> DataPosition:
     """This rank's position when a run resumes on another number of ranks (same global batch).
 
-    It keeps the epoch and the optimizer step within it, and skips as many raw samples per worker as the
-    new layout would have read by then. Shards are dealt to (rank, worker) slots, so the new ranks' streams
-    are not the old ones: within this epoch the skip is by count, not by sample. The run-wide reject counts
+    It keeps the epoch and the optimizer step within it. webdataset: it skips as many raw samples per worker
+    as the new layout would have read by then; shards are dealt to (rank, worker) slots, so the new ranks'
+    streams are not the old ones and within this epoch the skip is by count, not by sample. MDS: the
+    streaming state counts samples over all ranks, so it carries over exactly. The run-wide reject counts
     stay with rank 0 so that their sum over ranks is unchanged."""
     epochs = {p.epoch for p in saved}
     steps = {p.batches // saved_accum for p in saved}
@@ -192,7 +203,7 @@ def reshard_position(saved: list[DataPosition], saved_accum: int, accum: int, nu
     workers = max(num_workers, 1)
     consumed = [len(range(w, batches, workers)) * batch_size for w in range(workers)]
     rejected = dict(sum((Counter(p.rejected) for p in saved), Counter())) if rank == 0 else {}
-    return DataPosition(epochs.pop(), batches, consumed, rejected)
+    return DataPosition(epochs.pop(), batches, consumed, rejected, saved[0].stream)  # MDS state counts globally
 
 
 class ShardReader:

@@ -234,37 +234,53 @@ def _jpeg(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _records(split: str, seed: int, start: int, stop: int, num_negatives: int):
+    """The samples start..stop-1 of `split` in the shard schema: key, JPEG bytes, caption, negatives, types."""
+    for index in range(start, stop):
+        if split == "pretrain":
+            (image, caption), negatives, types = pretrain_sample(seed, index), [], []
+        else:
+            record = finetune_record(seed, index, num_negatives)
+            image, caption, negatives, types = render(record["scene"]), record["caption"], record["negatives"], record["types"]
+        yield {"key": f"{split}{index:08d}", "jpg": _jpeg(image), "caption": caption, "negatives": negatives, "types": types}
+
+
 def _write_shard(job: tuple) -> int:
+    path, fmt, split, seed, start, stop, num_negatives = job
+    records = _records(split, seed, start, stop, num_negatives)
+    if fmt == "mds":
+        from degla_scale.data.mds import write_mds
+
+        return write_mds(path, records)
     import webdataset as wds
 
-    path, split, seed, start, stop, num_negatives = job
     with wds.TarWriter(str(path)) as sink:
-        for index in range(start, stop):
-            meta: dict = {"index": index}
-            if split == "pretrain":
-                image, caption = pretrain_sample(seed, index)
-                meta.update(negatives=[], types=[])
-            else:
-                record = finetune_record(seed, index, num_negatives)
-                image, caption = render(record["scene"]), record["caption"]
-                meta.update(negatives=record["negatives"], types=record["types"])
-            sink.write({"__key__": f"{split}{index:08d}", "jpg": _jpeg(image), "txt": caption, "json": meta})
+        for r in records:
+            sink.write({"__key__": r["key"], "jpg": r["jpg"], "txt": r["caption"],
+                        "json": {"negatives": r["negatives"], "types": r["types"]}})
     return stop - start
 
 
 def write_shards(out_dir: Path, split: str, seed: int, num_samples: int, num_negatives: int,
-                 shard_size: int, workers: int = 2) -> dict:
-    """Write `split` as webdataset shards plus a manifest.json (sample count, K, shard names)."""
+                 shard_size: int, workers: int = 2, fmt: str = "wds") -> dict:
+    """Write `split` as webdataset (.tar) or MDS shards (one folder per job, merged index.json) plus a
+    manifest.json (format, sample count, K, shard names)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = []
     for shard, start in enumerate(range(0, num_samples, shard_size)):
         stop = min(start + shard_size, num_samples)
-        jobs.append((out_dir / f"{split}-{shard:06d}.tar", split, seed, start, stop, num_negatives))
+        name = f"{split}-{shard:06d}" + (".tar" if fmt == "wds" else "")
+        jobs.append((out_dir / name, fmt, split, seed, start, stop, num_negatives))
     from tqdm import tqdm
 
     with Pool(workers) as pool:
         written = sum(tqdm(pool.imap_unordered(_write_shard, jobs), total=len(jobs), desc=f"{split} shards", leave=False))
+    if fmt == "mds":
+        from streaming.base.util import merge_index
+
+        merge_index(str(out_dir), keep_local=True)
     manifest = {
+        "format": fmt,
         "num_samples": written,
         "num_negatives": num_negatives,
         "negative_types": list(NEGATIVE_TYPES) if num_negatives else [],
@@ -315,11 +331,11 @@ def write_zeroshot(out_dir: Path, seed: int, per_class: int) -> list[str]:
 
 def write_synthetic_dataset(root: Path, seed: int = 0, pretrain_samples: int = 20000, finetune_samples: int = 8000,
                             num_negatives: int = 4, eval_per_type: int = 500, zeroshot_per_class: int = 20,
-                            shard_size: int = 1000, workers: int = 2) -> dict:
+                            shard_size: int = 1000, workers: int = 2, fmt: str = "wds") -> dict:
     root = Path(root)
     report = {
-        "pretrain": write_shards(root / "pretrain", "pretrain", seed, pretrain_samples, 0, shard_size, workers),
-        "finetune": write_shards(root / "finetune", "finetune", seed, finetune_samples, num_negatives, shard_size, workers),
+        "pretrain": write_shards(root / "pretrain", "pretrain", seed, pretrain_samples, 0, shard_size, workers, fmt),
+        "finetune": write_shards(root / "finetune", "finetune", seed, finetune_samples, num_negatives, shard_size, workers, fmt),
         "sugarcrepe": write_sugarcrepe(root / "sugarcrepe", seed + 1, eval_per_type),
         "zeroshot_classes": len(write_zeroshot(root / "zeroshot", seed + 2, zeroshot_per_class)),
     }

@@ -1,0 +1,50 @@
+"""The MDS reader in one process: bad samples are counted and replaced (batches keep their size), and a
+reader built from a saved position continues with exactly the samples the uninterrupted one yields."""
+import itertools
+
+import torch
+from test_reader import jpeg
+
+from degla_scale.data.mds import MDSReader, write_mds
+from degla_scale.data.reader import DataPosition
+
+K = 2
+
+
+def _records(n):
+    for i in range(n):
+        negatives = [f"neg {i} {k}" for k in range(K)]
+        record = {"key": f"s{i:03d}", "jpg": jpeg(i * 7 % 255), "caption": f"caption {i}",
+                  "negatives": negatives, "types": ["swap_noun"] * K}
+        if i == 5:
+            record["caption"] = "  "  # (a corrupt JPEG cannot reach MDS: its jpeg column must open it to write it)
+        if i == 9:
+            record["negatives"] = negatives[:1]  # fewer negatives than K
+        yield record
+
+
+def _reader(path):
+    return MDSReader(str(path), batch_size=4, num_negatives=K, num_workers=0, seed=0,
+                     transform=lambda im: torch.tensor(im.getpixel((0, 0)), dtype=torch.float32),
+                     tokenize=lambda texts: torch.zeros(len(texts), 3))
+
+
+def test_bad_samples_are_counted_and_replaced(tmp_path):
+    assert write_mds(tmp_path, _records(24)) == 24
+    position = DataPosition()
+    batches = list(itertools.islice(_reader(tmp_path).epoch(position), 6))
+    keys = [k for b in batches for k in b.keys]
+    assert all(b.images.shape[0] == 4 and b.tokens.shape[0] == 4 * (1 + K) for b in batches)
+    assert position.rejected == {"empty_caption": 1, "wrong_negatives": 1}
+    assert {"s005", "s009"}.isdisjoint(keys) and len(set(keys)) == 22  # the 22 good samples, two of them twice
+
+
+def test_resume_from_a_saved_position_continues_the_same_samples(tmp_path):
+    write_mds(tmp_path, (r for r in _records(40) if r["key"] not in ("s005", "s009")))
+    position = DataPosition()
+    full = [b.keys for b in itertools.islice(_reader(tmp_path).epoch(position), 9)]
+    position = DataPosition()
+    first = [b.keys for b in itertools.islice(_reader(tmp_path).epoch(position), 4)]
+    saved = DataPosition.from_json(position.to_json())
+    rest = [b.keys for b in itertools.islice(_reader(tmp_path).epoch(saved), 5)]
+    assert first + rest == full
