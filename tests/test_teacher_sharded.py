@@ -123,8 +123,8 @@ def _shutdown():
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("stage,offload", [(1, False), (2, False), (2, True), (3, False), (3, True)],
-                         ids=["zero1", "zero2", "zero2-offload", "zero3", "zero3-offload"])
+@pytest.mark.parametrize("stage,offload", [(1, False), (1, True), (2, False), (2, True), (3, False), (3, True)],
+                         ids=["zero1", "zero1-offload", "zero2", "zero2-offload", "zero3", "zero3-offload"])
 def test_sharded_teacher_equals_replicated_ema_and_reloads_on_fewer_ranks(tmp_path, stage, offload):
     mp.spawn(_train, args=(2, free_port(), stage, offload, tmp_path), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
