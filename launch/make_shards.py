@@ -1,6 +1,13 @@
 """Make training shards and evaluation files.
 
     python launch/make_shards.py --from synthetic --out data/synthetic [--format wds|mds] [--seed 0] [--num-negatives 4]
+    python launch/make_shards.py --from degla-json FILE --image-root DIR --format mds --out DIR --num-negatives 4
+    python launch/make_shards.py --from jsonl FILE [--image-root DIR] [--negatives FILE.jsonl] --out DIR
+    python launch/make_shards.py --from wds URLS --negatives FILE.jsonl --out DIR
+
+Converted records are validated (missing or unreadable image, not K negatives, empty caption, a negative
+equal to the positive); bad ones go to OUT/rejects.jsonl with the reason, and the run ends with counts.
+An interrupted conversion resumes from OUT/progress.json.
 
 `synthetic` writes pretrain/ and finetune/ shards (webdataset or MDS, with manifest.json), SugarCrepe-format
 evaluation files and a zero-shot split (see degla_scale/data/synthetic.py).
@@ -15,7 +22,10 @@ from pathlib import Path
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--from", dest="source", required=True, choices=["synthetic"], help="where the samples come from")
+    parser.add_argument("--from", dest="source", required=True, nargs="+", metavar="KIND [INPUT]",
+                        help="synthetic | degla-json FILE | jsonl FILE | wds URLS")
+    parser.add_argument("--image-root", help="folder the records' image paths are relative to (degla-json: COCO train2014)")
+    parser.add_argument("--negatives", help="side file of negatives, one {id or key, negatives, types} per line")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--format", default="wds", choices=["wds", "mds"], help="webdataset tar or mosaicml-streaming MDS shards")
     parser.add_argument("--seed", type=int, default=0)
@@ -24,11 +34,14 @@ def main(argv=None) -> int:
     parser.add_argument("--finetune-samples", type=int, default=8000)
     parser.add_argument("--eval-per-type", type=int, default=500)
     parser.add_argument("--zeroshot-per-class", type=int, default=20)
-    parser.add_argument("--shard-size", type=int, default=500)
+    parser.add_argument("--shard-size", type=int, default=500, help="samples per shard")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     if args.num_negatives < 0:
         parser.error(f"--num-negatives={args.num_negatives} must be >= 0")
+    kind, *inputs = args.source
+    if kind != "synthetic":
+        return convert_records(parser, args, kind, inputs)
 
     from degla_scale.data.synthetic import write_synthetic_dataset
 
@@ -45,6 +58,27 @@ def main(argv=None) -> int:
         "zeroshot_classes": report["zeroshot_classes"], "seconds": round(time.perf_counter() - start, 1),
     }
     print(json.dumps(summary))
+    return 0
+
+
+def convert_records(parser, args, kind: str, inputs: list[str]) -> int:
+    from degla_scale.data import convert as C
+
+    if kind not in ("degla-json", "jsonl", "wds") or len(inputs) != 1:
+        parser.error(f"--from {' '.join(args.source)}: use degla-json FILE, jsonl FILE or wds URLS")
+    if kind != "wds" and not Path(inputs[0]).is_file():
+        parser.error(f"--from {kind} {inputs[0]}: no such file")
+    if kind == "degla-json" and not args.image_root:
+        parser.error("--from degla-json needs --image-root DIR (the folder holding COCO train2014 images)")
+    if kind == "wds" and not args.negatives:
+        parser.error("--from wds needs --negatives FILE.jsonl (the negatives of each sample key)")
+    side = C.read_side_negatives(Path(args.negatives)) if args.negatives else None
+    root = Path(args.image_root) if args.image_root else None
+    records = {"degla-json": lambda: C.read_degla_json(Path(inputs[0]), root),
+               "jsonl": lambda: C.read_jsonl(Path(inputs[0]), root, side),
+               "wds": lambda: C.read_wds(inputs[0], side)}[kind]()
+    report = C.convert(records, Path(args.out), args.format, args.num_negatives, args.shard_size, args.workers)
+    print(json.dumps({k: v for k, v in report.items() if k != "shards"}))
     return 0
 
 
