@@ -19,8 +19,11 @@ $(STAMP): setup.py constraints.txt
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# make demo FORMAT=mds: the same demo on mosaicml-streaming shards
+FORMAT ?= wds
+
 demo: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH bash launch/demo.sh
+	PATH=$(CURDIR)/$(BIN):$$PATH FORMAT=$(FORMAT) bash launch/demo.sh
 
 clean:
 	rm -rf runs data

@@ -97,3 +97,22 @@ def test_bad_invocation_is_one_line(tmp_path):
                            str(tmp_path / "none.json"), "--image-root", str(tmp_path), "--out", str(tmp_path / "o")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "none.json: no such file" in done.stderr.strip().splitlines()[-1]
+
+
+def test_jsonl_and_existing_wds_shards_take_negatives_from_a_side_file(tmp_path):
+    from degla_scale.data.convert import convert, read_jsonl, read_side_negatives, read_wds
+
+    (tmp_path / "img").mkdir()
+    lines, side = [], []
+    for i in range(4):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(jpeg(40 * i))
+        lines.append({"id": f"s{i}", "image": f"img/{i}.jpg", "caption": f"caption {i}"})
+        side.append({"id": f"s{i}", "negatives": [f"neg {i} {k}" for k in range(2 if i != 3 else 1)]})
+    (tmp_path / "data.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    (tmp_path / "negatives.jsonl").write_text("\n".join(map(json.dumps, side)))
+    table = read_side_negatives(tmp_path / "negatives.jsonl")
+    first = convert(read_jsonl(tmp_path / "data.jsonl", None, table), tmp_path / "a", "wds", 2, 10, 1, progress=False)
+    assert _keys(tmp_path / "a", "wds") == ["s0", "s1", "s2"] and first["rejected"]["wrong_negatives"] == 1
+    # Those shards as "existing img2dataset shards" (jpg + txt), negatives again from the side file:
+    second = convert(read_wds(str(tmp_path / "a"), table), tmp_path / "b", "mds", 2, 10, 1, progress=False)
+    assert _keys(tmp_path / "b", "mds") == ["s0", "s1", "s2"] and second["num_samples"] == 3
