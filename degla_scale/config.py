@@ -36,12 +36,26 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: str = ""
+    """Shards of this source, as in data.train_shards (in the configured data.format)."""
+    weight: float = 1.0
+    """Relative share of this source in every epoch's samples."""
+
+    def __post_init__(self):
+        _check(bool(self.path), "data.sources: every source needs a path: {path: DIR, weight: W}")
+        _check(self.weight > 0 and math.isfinite(self.weight), f"data.sources weight={self.weight} of {self.path} must be > 0")
+
+
+@dataclass
 class DataConfig:
     train_shards: str = "data/synthetic/finetune"
     """wds: a directory of .tar files, a brace pattern (`shard-{000000..000099}.tar`) or a glob;
     mds: a directory holding MDS shards and their index.json."""
     format: str = "wds"
     """Shard format: wds (webdataset tar shards) or mds (mosaicml-streaming); both hold the same samples."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Several shard sources mixed by weight ([{path: DIR, weight: W}, ...]); empty: train_shards alone."""
     num_negatives: int = 4
     """K hard negatives per sample used by the loss; 0 = plain CLIP. Must be 0 or the K stored in the shards."""
     batch_size: int = 32
@@ -53,9 +67,15 @@ class DataConfig:
     num_samples: Optional[int] = None
     """Samples in one epoch over all ranks; null = read from the shards' manifest.json."""
 
+    def source_list(self) -> list[SourceConfig]:
+        return self.sources or [SourceConfig(self.train_shards, 1.0)]
+
     def __post_init__(self):
         _check(self.num_negatives >= 0, f"data.num_negatives={self.num_negatives} is negative: use 0 (plain CLIP) or K > 0")
         _check(self.format in ("wds", "mds"), f"data.format={self.format!r} must be wds or mds")
+        self.sources = [SourceConfig(**s) if isinstance(s, dict) else s for s in self.sources]
+        paths = [s.path for s in self.sources]
+        _check(len(set(paths)) == len(paths), f"data.sources lists {paths}: give each path once (raise its weight instead)")
         _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
         _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
         _check(self.shuffle_buffer >= 0, f"data.shuffle_buffer={self.shuffle_buffer} must be >= 0")

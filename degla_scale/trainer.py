@@ -41,37 +41,39 @@ Teacher = EMATeacher | ShardedEMATeacher | ZeRO3EMATeacher
 
 
 def check_data(cfg: Config) -> int:
-    """Validate shards against the config before any process group starts; return samples per epoch."""
-    manifest = read_manifest(cfg.data.train_shards) or {}
-    if cfg.data.format == "mds":
-        from streaming import LocalDataset
+    """Validate every shard source against the config before any process group starts; return samples per epoch."""
+    k, total = cfg.data.num_negatives, 0
+    for source in cfg.data.source_list():
+        manifest = read_manifest(source.path) or {}
+        if cfg.data.format == "mds":
+            from streaming import LocalDataset
 
-        from degla_scale.data.mds import check_mds
+            from degla_scale.data.mds import check_mds
 
-        check_mds(cfg.data.train_shards)
-        local = LocalDataset(cfg.data.train_shards)
-        data_k = len(local[0].get("negatives") or [])
-        manifest.setdefault("num_samples", len(local))
-    else:
-        data_k = manifest["num_negatives"] if "num_negatives" in manifest else peek_num_negatives(list_shards(cfg.data.train_shards))
-    k = cfg.data.num_negatives
-    if k not in (0, data_k):
-        raise ConfigError(f"data.num_negatives={k} but the shards in {cfg.data.train_shards} hold {data_k} "
-                          f"negatives per sample: set data.num_negatives={data_k} (or 0 for plain CLIP)")
-    num_samples = cfg.data.num_samples or manifest.get("num_samples")
-    if not num_samples:
-        raise ConfigError(f"no manifest.json beside {cfg.data.train_shards}: set data.num_samples to the number of samples")
-    return int(num_samples)
+            check_mds(source.path)
+            local = LocalDataset(source.path)
+            data_k = len(local[0].get("negatives") or [])
+            manifest.setdefault("num_samples", len(local))
+        else:
+            data_k = manifest["num_negatives"] if "num_negatives" in manifest else peek_num_negatives(list_shards(source.path))
+        if k not in (0, data_k):
+            raise ConfigError(f"data.num_negatives={k} but the shards in {source.path} hold {data_k} "
+                              f"negatives per sample: set data.num_negatives={data_k} (or 0 for plain CLIP)")
+        if not cfg.data.num_samples and not manifest.get("num_samples"):
+            raise ConfigError(f"no manifest.json beside {source.path}: set data.num_samples to the number of samples")
+        total += manifest.get("num_samples", 0)
+    return int(cfg.data.num_samples or total)
 
 
 def build_reader(cfg: Config, rank: int, world: int) -> ShardReader | MDSReader:
-    """This rank's batches of the configured shard format (same samples, same Batch either way)."""
+    """This rank's batches of the configured shard format and sources (same samples, same Batch either way)."""
     d = cfg.data
+    paths, weights = [s.path for s in d.source_list()], [s.weight for s in d.source_list()]
     common = dict(batch_size=d.batch_size, num_negatives=d.num_negatives, num_workers=d.num_workers, seed=cfg.seed,
-                  transform=image_transform(cfg.model), tokenize=tokenizer(cfg.model))
+                  transform=image_transform(cfg.model), tokenize=tokenizer(cfg.model), weights=weights)
     if d.format == "mds":
-        return MDSReader(d.train_shards, **common)
-    return ShardReader(list_shards(d.train_shards), shuffle_buffer=d.shuffle_buffer, rank=rank, world=world, **common)
+        return MDSReader(paths, **common)
+    return ShardReader([list_shards(p) for p in paths], shuffle_buffer=d.shuffle_buffer, rank=rank, world=world, **common)
 
 
 def build_ds_config(cfg: Config, bf16: bool, on_cuda: bool, num_params: int, load_universal: bool = False) -> dict:

@@ -104,17 +104,26 @@ def _BatchLoader(*args, **kwargs):
 class MDSReader:
     """Iterates one epoch of batches for this rank from a `DataPosition`, updating it as it goes."""
 
-    def __init__(self, path: str, *, batch_size: int, num_negatives: int, num_workers: int, seed: int,
-                 transform: Callable, tokenize: Callable):
+    def __init__(self, path: str | list[str], *, batch_size: int, num_negatives: int, num_workers: int, seed: int,
+                 transform: Callable, tokenize: Callable, weights: list[float] | None = None):
+        """`path`: one MDS folder, or several mixed by `weights` (streaming's Stream proportions)."""
+        from streaming import Stream
         from streaming.base.util import clean_stale_shared_memory
 
-        check_mds(path)
+        paths = [path] if isinstance(path, str) else list(path)
+        for p in paths:
+            check_mds(p)
         # The DeepSpeed launcher sets LOCAL_SIZE; streaming reads LOCAL_WORLD_SIZE to lay out its shared memory.
         if "LOCAL_SIZE" in os.environ:
             os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["LOCAL_SIZE"])
         clean_stale_shared_memory()  # left behind by a killed run (every rank calls it: it ends in a barrier)
         self.batch_size = batch_size
-        self.dataset = _dataset_class()(local=path, batch_size=batch_size, shuffle=True, shuffle_seed=seed,
+        if len(paths) == 1:
+            where = {"local": paths[0]}
+        else:
+            total = sum(weights or [1.0] * len(paths))
+            where = {"streams": [Stream(local=p, proportion=w / total) for p, w in zip(paths, weights or [1.0] * len(paths))]}
+        self.dataset = _dataset_class()(**where, batch_size=batch_size, shuffle=True, shuffle_seed=seed,
                                         num_negatives=num_negatives, transform=transform)
         self.loader = _BatchLoader(self.dataset, batch_size=batch_size, num_workers=num_workers,
                                           collate_fn=_collate(tokenize), drop_last=True,

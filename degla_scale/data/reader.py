@@ -75,8 +75,9 @@ class Batch:
 class ShardStream(IterableDataset):
     """Yields {"url": shard} for this (rank, worker) slot, pass after pass, forever."""
 
-    def __init__(self, shards: list[str], seed: int, epoch: int, rank: int, world: int):
+    def __init__(self, shards: list[str], seed: int, epoch: int, rank: int, world: int, source: int = 0):
         self.shards, self.seed, self.epoch, self.rank, self.world = shards, seed, epoch, rank, world
+        self.tag = f"/{source}" if source else ""  # source 0 keeps the single-source order
 
     def __iter__(self):
         info = get_worker_info()
@@ -85,9 +86,30 @@ class ShardStream(IterableDataset):
         slot = self.rank * workers + worker
         for data_pass in range(1 << 30):
             order = list(self.shards)
-            random.Random(f"{self.seed}/{self.epoch}/{data_pass}").shuffle(order)
+            random.Random(f"{self.seed}/{self.epoch}/{data_pass}{self.tag}").shuffle(order)
             for url in order[slot::slots]:
                 yield {"url": url}
+
+
+class MixedSamples(IterableDataset):
+    """Raw samples of several sources, interleaved by weight with a seeded RNG per (epoch, rank, worker):
+    a fixed sequence, so skipping its first n samples resumes it exactly."""
+
+    def __init__(self, sources: list[list[str]], weights: list[float], seed: int, epoch: int, rank: int, world: int):
+        self.sources, self.weights = sources, weights
+        self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
+
+    def __iter__(self):
+        streams = [iter(wds.DataPipeline(ShardStream(shards, self.seed, self.epoch, self.rank, self.world, i),
+                                         wds.tarfile_to_samples(handler=wds.warn_and_continue)))
+                   for i, shards in enumerate(self.sources)]
+        if len(streams) == 1:
+            yield from streams[0]
+            return
+        rng = random.Random(f"mix/{self.seed}/{self.epoch}/{self.rank}/{_worker_id()}")
+        choices = range(len(streams))
+        while True:
+            yield next(streams[rng.choices(choices, self.weights)[0]])
 
 
 def _worker_id() -> int:
@@ -209,15 +231,20 @@ def reshard_position(saved: list[DataPosition], saved_accum: int, accum: int, nu
 class ShardReader:
     """Iterates one epoch of batches for this rank from a `DataPosition`, updating it as it goes."""
 
-    def __init__(self, shards: list[str], *, batch_size: int, num_negatives: int, num_workers: int,
-                 shuffle_buffer: int, seed: int, rank: int, world: int, transform: Callable, tokenize: Callable):
-        self.shards, self.batch_size, self.num_negatives = shards, batch_size, num_negatives
+    def __init__(self, shards: list[str] | list[list[str]], *, batch_size: int, num_negatives: int, num_workers: int,
+                 shuffle_buffer: int, seed: int, rank: int, world: int, transform: Callable, tokenize: Callable,
+                 weights: list[float] | None = None):
+        """`shards`: one source's shard paths, or one list per source, mixed by `weights`."""
+        self.sources = [shards] if shards and isinstance(shards[0], str) else shards
+        self.weights = weights or [1.0] * len(self.sources)
+        self.batch_size, self.num_negatives = batch_size, num_negatives
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
         self.rank, self.world, self.transform, self.tokenize = rank, world, transform, tokenize
         slots = world * max(num_workers, 1)
-        if len(shards) < slots:
-            raise DataError(f"{len(shards)} shards for {world} ranks × {max(num_workers, 1)} workers: "
-                            "make more, smaller shards or lower data.num_workers")
+        for shards in self.sources:
+            if len(shards) < slots:
+                raise DataError(f"{len(shards)} shards for {world} ranks × {max(num_workers, 1)} workers (in {Path(shards[0]).parent}): "
+                                "make more, smaller shards or lower data.num_workers")
 
     def epoch(self, position: DataPosition) -> Iterator[Batch]:
         """Yield this rank's batches of `position.epoch` from `position.batches` on, forever (caller stops)."""
@@ -228,8 +255,7 @@ class ShardReader:
             raise DataError(f"checkpoint was written with {len(position.consumed)} data workers but data.num_workers="
                             f"{self.num_workers}: resume with the same number of workers")
         pipeline = wds.DataPipeline(
-            ShardStream(self.shards, self.seed, position.epoch, self.rank, self.world),
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),
+            MixedSamples(self.sources, self.weights, self.seed, position.epoch, self.rank, self.world),
             _seeded_shuffle(self.shuffle_buffer, self.seed, position.epoch, self.rank),
             _batches(self.batch_size, self.num_negatives, self.transform, self.tokenize, list(position.consumed)),
         )

@@ -2,6 +2,7 @@
 reader built from a saved position continues with exactly the samples the uninterrupted one yields."""
 import itertools
 
+import pytest
 import torch
 from test_reader import jpeg
 
@@ -48,3 +49,12 @@ def test_resume_from_a_saved_position_continues_the_same_samples(tmp_path):
     saved = DataPosition.from_json(position.to_json())
     rest = [b.keys for b in itertools.islice(_reader(tmp_path).epoch(saved), 5)]
     assert first + rest == full
+
+
+def test_sources_mix_by_weight(tmp_path):
+    write_mds(tmp_path / "a", ({**r, "key": "a" + r["key"]} for r in _records(40) if r["key"] not in ("s005", "s009")))
+    write_mds(tmp_path / "b", ({**r, "key": "b" + r["key"]} for r in _records(40) if r["key"] not in ("s005", "s009")))
+    reader = MDSReader([str(tmp_path / "a"), str(tmp_path / "b")], weights=[3.0, 1.0], batch_size=4, num_negatives=K,
+                       num_workers=0, seed=0, transform=lambda im: torch.zeros(1), tokenize=lambda t: torch.zeros(len(t), 1))
+    keys = [k for b in itertools.islice(reader.epoch(DataPosition()), 19) for k in b.keys]
+    assert sum(k.startswith("a") for k in keys) / len(keys) == pytest.approx(0.75, abs=0.05)  # streaming's proportions

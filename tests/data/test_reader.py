@@ -1,5 +1,6 @@
 """webdataset reader: bad samples skipped and counted, ranks disjoint, mid-epoch resume exact."""
 import io
+import itertools
 import json
 
 import pytest
@@ -18,13 +19,13 @@ def jpeg(colour):
     return buf.getvalue()
 
 
-def write_shards(folder, num_shards=4, per_shard=6, bad=()):
-    """Samples s{shard}_{i}; keys in `bad` get a corrupt image or the wrong number of negatives."""
+def write_shards(folder, num_shards=4, per_shard=6, bad=(), prefix="s"):
+    """Samples {prefix}{shard}_{i}; keys in `bad` get a corrupt image or the wrong number of negatives."""
     folder.mkdir(parents=True, exist_ok=True)
     for s in range(num_shards):
         with wds.TarWriter(str(folder / f"shard-{s:03d}.tar")) as sink:
             for i in range(per_shard):
-                key = f"s{s}_{i}"
+                key = f"{prefix}{s}_{i}"
                 negatives = [f"not {key} {k}" for k in range(K)]
                 image = jpeg(10 * i)
                 if key in bad and bad[key] == "corrupt":
@@ -106,3 +107,21 @@ def test_decode_sample_errors():
         decode_sample({"txt": b"x"}, 0)
     with pytest.raises(ValueError, match="empty caption"):
         decode_sample({"jpg": jpeg(0), "txt": b"  "}, 0)
+
+
+def test_sources_mix_by_weight_and_resume_exactly(tmp_path):
+    big = list_shards(str(write_shards(tmp_path / "a", num_shards=4, per_shard=25, prefix="a")))
+    small = list_shards(str(write_shards(tmp_path / "b", num_shards=4, per_shard=25, prefix="b")))
+
+    def mixed():
+        return ShardReader([big, small], weights=[3.0, 1.0], batch_size=4, num_negatives=K, num_workers=0,
+                           shuffle_buffer=3, seed=1, rank=0, world=1, transform=transform, tokenize=fake_tokenize)
+
+    position = DataPosition()
+    keys = [b.keys for b in itertools.islice(mixed().epoch(position), 40)]
+    share_a = sum(k.startswith("a") for ks in keys for k in ks) / 160
+    assert 0.65 < share_a < 0.85  # 3:1 by weight (binomial sd ≈ 0.034 for 160 draws)
+    position = DataPosition()
+    first = [b.keys for b in itertools.islice(mixed().epoch(position), 15)]
+    saved = DataPosition.from_json(position.to_json())
+    assert first + [b.keys for b in itertools.islice(mixed().epoch(saved), 25)] == keys
