@@ -9,7 +9,7 @@ by the project's converter. Each format is read by the trainer's own reader with
 time per sample is what one DataLoader worker spends on it. The step rate to feed comes from
 --step-samples-per-s (a bench_train_step.py measurement, per GPU) or is estimated from the config's model:
 forward FLOPs per sample counted on the meta device, × (3 student + 1 teacher), at --mfu of --peak-tflops.
-Rows are appended to benchmarks/results/data.csv, with a bar plot.
+Rows are appended to benchmarks/results/data.csv, with a bar plot (data.png).
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     parser.add_argument("--step-samples-per-s", type=float, help="measured training rate per GPU to feed")
     parser.add_argument("--mfu", type=float, default=0.40, help="MFU assumed for the estimate (the scale target)")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
-    parser.add_argument("--results", type=Path, default=RESULTS / "data.csv")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for data.csv and data.png")
     args, overrides = parser.parse_known_args(argv)
     width, height = (int(v) for v in args.image_size.lower().split("x"))
     if args.samples < 2 * args.batch_size:
@@ -100,6 +100,7 @@ def main(argv=None) -> int:
         feed, source = args.step_samples_per_s, "measured (--step-samples-per-s)"
     else:
         feed, flops = estimated_step_rate(cfg, args.mfu, args.peak_tflops)
+        feed = round(feed, 1)
         source = f"estimate: {flops / 1e9:.0f} GFLOP/sample at {args.mfu:.0%} of {args.peak_tflops:.0f} TFLOP/s"
     transform, tokenize = image_transform(cfg.model), tokenizer(cfg.model)
     rows = []
@@ -111,17 +112,17 @@ def main(argv=None) -> int:
                           tokenize=tokenize)
             reader = (MDSReader(str(out), **common) if fmt == "mds" else
                       ShardReader(list_shards(str(out)), shuffle_buffer=64, rank=0, world=1, **common))
-            rate = per_worker_rate(reader, args.samples // args.batch_size - 1, args.batch_size)
+            rate = round(per_worker_rate(reader, args.samples // args.batch_size - 1, args.batch_size), 1)
             shard_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
             rows.append({**environment(), "model": cfg.model.name, "format": fmt, "image": args.image_size,
                          "kib_per_sample": round(shard_bytes / args.samples / 1024, 1), "negatives": k,
-                         "batch": args.batch_size, "samples_per_s_per_worker": round(rate, 1),
-                         "feed_samples_per_s_per_gpu": round(feed, 1), "feed_source": source,
+                         "batch": args.batch_size, "samples_per_s_per_worker": rate,
+                         "feed_samples_per_s_per_gpu": feed, "feed_source": source,
                          "workers_per_gpu": math.ceil(feed / rate)})
             print(f"{fmt}: {rate:.1f} samples/s per worker ({rows[-1]['kib_per_sample']} KiB/sample); "
                   f"{cfg.model.name} trains {feed:.0f} samples/s per GPU ({source}) → {rows[-1]['workers_per_gpu']} workers per GPU")
-    path = append_rows(args.results, rows)
-    plot(rows, args.results.with_suffix(".png"))
+    path = append_rows(args.results / "data.csv", rows)
+    plot(rows, args.results / "data.png")
     print(f"results: {path}")
     return 0
 

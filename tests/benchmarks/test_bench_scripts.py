@@ -41,3 +41,20 @@ def test_train_step_benchmark_on_tiny_config(tmp_path):
     assert float(row["samples_per_s"]) > 0 and float(row["fwd_gflops_per_sample"]) > 0
     assert row["mfu_pct"] == ""  # no GPU peak to compare against on a CPU
     assert (tmp_path / "train_step.png").stat().st_size > 5_000
+
+
+def test_data_benchmark_on_tiny_config(tmp_path):
+    """Both shard formats read by the trainer's readers: a row each, workers = feed rate / per-worker rate."""
+    import math
+
+    from benchmarks import bench_data
+
+    bench_data.main(["--config", "configs/tiny.yaml", "--samples", "64", "--image-size", "96x64", "--batch-size", "8",
+                     "--results", str(tmp_path)])
+    rows = list(csv.DictReader((tmp_path / "data.csv").open()))
+    assert [r["format"] for r in rows] == ["wds", "mds"]
+    for r in rows:
+        rate, feed = float(r["samples_per_s_per_worker"]), float(r["feed_samples_per_s_per_gpu"])
+        assert rate > 0 and feed > 0 and r["feed_source"].startswith("estimate")
+        assert int(r["workers_per_gpu"]) == math.ceil(feed / rate)
+    assert (tmp_path / "data.png").stat().st_size > 5_000
