@@ -1,0 +1,120 @@
+"""Hard-negative generation: the validation rules, the offline rule backend, and the LLM client against a
+local OpenAI-compatible server started here (retries, cache, rejected answers, the key kept secret)."""
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from degla_scale.data.negatives import RULES, TYPES, RuleBackend, validate
+from degla_scale.data.synthetic import finetune_record
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("kind,negative,reason", [
+    ("swap_adj", "a blue car beside a red truck", None),
+    ("swap_adj", "a red car beside a red truck", "words_differ"),
+    ("reshuffle", "a red car beside a blue truck", "same_as_positive"),
+    ("reshuffle", "beside a blue truck a red car", None),
+    ("replace_adj", "a green car beside a blue truck", None),
+    ("replace_adj", "a green car beside a green truck", "not_one_word_replaced"),
+    ("replace_noun", "a red car behind a blue truck", None),  # one content word changed, also for replace types
+    ("replace_noun", "the red car beside a blue truck", "function_word_replaced"),
+    ("replace_noun", "a red car beside a blue big truck", "not_one_word_replaced"),
+    ("swap_noun", "", "empty"),
+])
+def test_validate(kind, negative, reason):
+    assert validate(kind, "a red car beside a blue truck", negative) == reason
+
+
+def test_rule_backend_makes_every_type_for_two_object_captions():
+    backend = RuleBackend(seed=0)
+    made = 0
+    for index in range(40):
+        record = finetune_record(seed=0, index=index, num_negatives=5)
+        if " of " not in record["caption"] and "above" not in record["caption"] and "below" not in record["caption"]:
+            continue  # single-object captions: only the replace types apply
+        for kind in TYPES:
+            negative = backend(kind, record["caption"])
+            assert negative is not None and validate(kind, record["caption"], negative) is None, (kind, record["caption"])
+            assert backend(kind, record["caption"]) == negative  # deterministic
+            made += 1
+    assert made >= 5 * 20
+
+
+class FakeEndpoint(BaseHTTPRequestHandler):
+    """/v1/chat/completions: answers with the rule backend; the first request for a "flaky" caption gets a
+    503 (the client must retry); replace_noun answers for "a dog on a bench" are wrong on purpose."""
+
+    calls, auth, lock, failed = [], set(), threading.Lock(), set()
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
+        kind = next(k for k, rule in RULES.items() if rule in system)
+        caption = user.rsplit("Caption: ", 1)[1].split("\nRewrite:")[0]
+        with self.lock:
+            type(self).calls.append((kind, caption))
+            type(self).auth.add(self.headers.get("Authorization"))
+            first_flaky = "flaky" in caption and caption not in self.failed
+            self.failed.add(caption)
+        if first_flaky:
+            self.send_response(503)
+            self.end_headers()
+            return
+        answer = RuleBackend(seed=0)(kind, caption) or caption
+        if kind == "replace_noun" and caption == "a dog on a bench":
+            answer = "a cat on a sofa"  # two words changed: must be rejected
+        reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                 "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": f"Rewrite: {answer}"}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_llm_client_retries_caches_validates_and_keeps_the_key_secret(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeEndpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    captions = ["a red car left of a blue truck", "a small dog above a large cat", "a dog on a bench",
+                "a flaky green ball right of a yellow kite"]
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps({"id": f"c{i}", "caption": c}) for i, c in enumerate(captions)))
+    secret = "sk-test-do-not-print-0123456789"
+    command = [sys.executable, str(ROOT / "launch/make_negatives.py"), "--in", str(tmp_path / "captions.jsonl"),
+               "--out", str(tmp_path / "neg.jsonl"), "--backend", "llm", "--url", f"http://127.0.0.1:{server.server_port}/v1",
+               "--model", "fake", "--num-negatives", "2", "--api-key-env", "TEST_KEY", "--concurrency", "4"]
+    env = {**__import__("os").environ, "TEST_KEY": secret}
+    try:
+        first = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0, first.stderr[-2000:]
+        asked = len(FakeEndpoint.calls)
+        second = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 0, second.stderr[-2000:]
+    finally:
+        server.shutdown()
+    assert len(FakeEndpoint.calls) == asked, "the rerun must answer from the cache"
+    assert FakeEndpoint.auth == {f"Bearer {secret}"}
+    report = json.loads(first.stdout.strip().splitlines()[-1])
+    assert report["asked"] == asked - 1  # the 503 was retried by the client, not counted as an answer
+    assert json.loads(second.stdout.strip().splitlines()[-1])["asked"] == 0
+    out = {r["id"]: r for r in map(json.loads, (tmp_path / "neg.jsonl").read_text().splitlines())}
+    for i, caption in enumerate(captions):
+        # "a dog on a bench" has no adjective nor known relation: swap_noun, and a wrong replace_noun answer
+        assert len(out[f"c{i}"]["negatives"]) == (1 if i == 2 else 2)
+        for kind, negative in zip(out[f"c{i}"]["types"], out[f"c{i}"]["negatives"]):
+            assert validate(kind, caption, negative) is None
+    rejects = [json.loads(line) for line in (tmp_path / "neg.rejects.jsonl").read_text().splitlines()]
+    assert {"id": "c2", "type": "replace_noun", "answer": "a cat on a sofa", "reason": "not_one_word_replaced"} in rejects
+    assert report["short"] == 1 and report["rejected_not_one_word_replaced"] >= 1
+    for text in (first.stdout, first.stderr, second.stdout, second.stderr,
+                 *(p.read_text() for p in tmp_path.glob("neg*.jsonl"))):
+        assert secret not in text
