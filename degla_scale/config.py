@@ -41,6 +41,9 @@ class SourceConfig:
     """Shards of this source, as in data.train_shards (in the configured data.format)."""
     weight: float = 1.0
     """Relative share of this source in every epoch's samples."""
+    remote: Optional[str] = None
+    """MDS only: where the shards live (s3://, gs://, hf://, … or a mounted folder); streaming downloads
+    them into `path`, a local cache. webdataset reads URLs in `path` directly."""
 
     def __post_init__(self):
         _check(bool(self.path), "data.sources: every source needs a path: {path: DIR, weight: W}")

@@ -44,6 +44,10 @@ def check_data(cfg: Config) -> int:
     """Validate every shard source against the config before any process group starts; return samples per epoch."""
     k, total = cfg.data.num_negatives, 0
     for source in cfg.data.source_list():
+        if source.remote is not None:  # shards arrive when the reader starts: trust the config's counts
+            if not cfg.data.num_samples:
+                raise ConfigError(f"data.sources remote {source.remote}: set data.num_samples (the samples per epoch)")
+            continue
         manifest = read_manifest(source.path) or {}
         if cfg.data.format == "mds":
             from streaming import LocalDataset
@@ -72,7 +76,7 @@ def build_reader(cfg: Config, rank: int, world: int) -> ShardReader | MDSReader:
     common = dict(batch_size=d.batch_size, num_negatives=d.num_negatives, num_workers=d.num_workers, seed=cfg.seed,
                   transform=image_transform(cfg.model), tokenize=tokenizer(cfg.model), weights=weights)
     if d.format == "mds":
-        return MDSReader(paths, **common)
+        return MDSReader(paths, remotes=[s.remote for s in d.source_list()], **common)
     return ShardReader([list_shards(p) for p in paths], shuffle_buffer=d.shuffle_buffer, rank=rank, world=world, **common)
 
 

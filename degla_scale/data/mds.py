@@ -105,24 +105,29 @@ class MDSReader:
     """Iterates one epoch of batches for this rank from a `DataPosition`, updating it as it goes."""
 
     def __init__(self, path: str | list[str], *, batch_size: int, num_negatives: int, num_workers: int, seed: int,
-                 transform: Callable, tokenize: Callable, weights: list[float] | None = None):
-        """`path`: one MDS folder, or several mixed by `weights` (streaming's Stream proportions)."""
+                 transform: Callable, tokenize: Callable, weights: list[float] | None = None,
+                 remotes: list[str | None] | None = None):
+        """`path`: one MDS folder, or several mixed by `weights` (streaming's Stream proportions); a source
+        with a `remotes` entry is downloaded from there into its folder, a local cache."""
         from streaming import Stream
         from streaming.base.util import clean_stale_shared_memory
 
         paths = [path] if isinstance(path, str) else list(path)
-        for p in paths:
-            check_mds(p)
+        remotes = remotes or [None] * len(paths)
+        for p, remote in zip(paths, remotes):
+            if remote is None:
+                check_mds(p)
         # The DeepSpeed launcher sets LOCAL_SIZE; streaming reads LOCAL_WORLD_SIZE to lay out its shared memory.
         if "LOCAL_SIZE" in os.environ:
             os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["LOCAL_SIZE"])
         clean_stale_shared_memory()  # left behind by a killed run (every rank calls it: it ends in a barrier)
         self.batch_size = batch_size
         if len(paths) == 1:
-            where = {"local": paths[0]}
+            where = {"local": paths[0], "remote": remotes[0]}
         else:
-            total = sum(weights or [1.0] * len(paths))
-            where = {"streams": [Stream(local=p, proportion=w / total) for p, w in zip(paths, weights or [1.0] * len(paths))]}
+            weights = weights or [1.0] * len(paths)
+            where = {"streams": [Stream(local=p, remote=r, proportion=w / sum(weights))
+                                 for p, r, w in zip(paths, remotes, weights)]}
         self.dataset = _dataset_class()(**where, batch_size=batch_size, shuffle=True, shuffle_seed=seed,
                                         num_negatives=num_negatives, transform=transform)
         self.loader = _BatchLoader(self.dataset, batch_size=batch_size, num_workers=num_workers,

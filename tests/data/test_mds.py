@@ -58,3 +58,14 @@ def test_sources_mix_by_weight(tmp_path):
                        num_workers=0, seed=0, transform=lambda im: torch.zeros(1), tokenize=lambda t: torch.zeros(len(t), 1))
     keys = [k for b in itertools.islice(reader.epoch(DataPosition()), 19) for k in b.keys]
     assert sum(k.startswith("a") for k in keys) / len(keys) == pytest.approx(0.75, abs=0.05)  # streaming's proportions
+
+
+def test_a_remote_source_is_downloaded_into_its_local_cache(tmp_path):
+    """streaming's own download path, with a folder as the remote (its local downloader)."""
+    write_mds(tmp_path / "remote", (r for r in _records(24) if r["key"] not in ("s005", "s009")))
+    direct = [b.keys for b in itertools.islice(_reader(tmp_path / "remote").epoch(DataPosition()), 5)]
+    cached = MDSReader([str(tmp_path / "cache")], remotes=[str(tmp_path / "remote")], batch_size=4, num_negatives=K,
+                       num_workers=0, seed=0, transform=lambda im: torch.tensor(im.getpixel((0, 0)), dtype=torch.float32),
+                       tokenize=lambda texts: torch.zeros(len(texts), 3))
+    assert [b.keys for b in itertools.islice(cached.epoch(DataPosition()), 5)] == direct
+    assert (tmp_path / "cache" / "index.json").is_file()
