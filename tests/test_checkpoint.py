@@ -5,7 +5,6 @@ weights, Adam moments, EMA teacher, step and learning rate. Loaded natively on t
 and through DeepSpeed's universal checkpoint on 1 rank, they must be identical; the 1-rank run then trains
 on and stays on the 2-rank run's loss curve.
 """
-import json
 import shutil
 import subprocess
 import sys
