@@ -22,3 +22,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Small fine-tuning shards shared by the trainer and checkpoint tests (96 samples, K=2, 12 shards of 8).
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from degla_scale.data.synthetic import write_shards
+
+    out = tmp_path_factory.mktemp("data") / "finetune"
+    write_shards(out, "finetune", seed=0, num_samples=96, num_negatives=2, shard_size=8, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mds_shards(tmp_path_factory):
+    from degla_scale.data.synthetic import write_shards
+
+    out = tmp_path_factory.mktemp("data") / "finetune_mds"
+    write_shards(out, "finetune", seed=0, num_samples=96, num_negatives=2, shard_size=8, workers=1, fmt="mds")
+    return out

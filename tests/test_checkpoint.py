@@ -16,7 +16,7 @@ import torch
 from degla_scale.checkpoint import Layout, ResumePoint, prepare
 from degla_scale.config import ConfigError
 from degla_scale.data.reader import DataPosition, reshard_position
-from test_trainer import launch_two_ranks, mds_shards, overrides, records, shards, steps_of  # noqa: F401 (fixtures)
+from test_trainer import launch_two_ranks, overrides, records, steps_of
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,15 +13,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from degla_scale.data.synthetic import write_shards
-
-    out = tmp_path_factory.mktemp("data") / "finetune"
-    write_shards(out, "finetune", seed=0, num_samples=96, num_negatives=2, shard_size=8, workers=1)
-    return out
-
-
 def overrides(shards, run_dir, steps=10):
     return [f"data.train_shards={shards}", "data.num_negatives=2", "data.batch_size=8", "data.num_workers=1",
             "data.shuffle_buffer=16", "model.pretrained=null", f"schedule.max_steps={steps}", "schedule.warmup_steps=2",
@@ -89,15 +80,6 @@ def launch_two_ranks(shards, run_dir, port, *extra, steps=4, script=ROOT / "laun
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     return steps_of(run_dir) if (Path(run_dir) / "train.jsonl").exists() else {}
-
-
-@pytest.fixture(scope="module")
-def mds_shards(tmp_path_factory):
-    from degla_scale.data.synthetic import write_shards
-
-    out = tmp_path_factory.mktemp("data") / "finetune_mds"
-    write_shards(out, "finetune", seed=0, num_samples=96, num_negatives=2, shard_size=8, workers=1, fmt="mds")
-    return out
 
 
 @pytest.mark.slow
