@@ -34,16 +34,20 @@ def check_mds(path: str) -> None:
 
 def write_mds(out_dir: Path, records: Iterator[dict], shard_bytes: int = 1 << 26) -> int:
     """Write {key, jpg (JPEG bytes), caption, negatives, types} records as MDS shards; returns the count."""
-    import io
+    import tempfile
 
     from PIL import Image
     from streaming import MDSWriter
 
     count = 0
-    with MDSWriter(out=str(out_dir), columns=COLUMNS, size_limit=shard_bytes) as sink:
+    with tempfile.TemporaryDirectory() as tmp, MDSWriter(out=str(out_dir), columns=COLUMNS, size_limit=shard_bytes) as sink:
+        scratch = Path(tmp) / "image.jpg"
         for record in records:
-            # An unconverted Image.open keeps the original JPEG bytes (no re-encoding).
-            sink.write({**record, "jpg": Image.open(io.BytesIO(record["jpg"]))})
+            # streaming's jpeg encoding stores a JPEG opened from a named file byte for byte; from memory
+            # it would re-encode it (at quality 75)
+            scratch.write_bytes(record["jpg"])
+            with Image.open(scratch) as image:
+                sink.write({**record, "jpg": image})
             count += 1
     return count
 

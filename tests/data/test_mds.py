@@ -69,3 +69,18 @@ def test_a_remote_source_is_downloaded_into_its_local_cache(tmp_path):
                        tokenize=lambda texts: torch.zeros(len(texts), 3))
     assert [b.keys for b in itertools.islice(cached.epoch(DataPosition()), 5)] == direct
     assert (tmp_path / "cache" / "index.json").is_file()
+
+
+def test_jpeg_bytes_are_stored_as_they_are(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from streaming import LocalDataset
+
+    rng = np.random.default_rng(0)
+    original = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(original, format="JPEG", quality=97)
+    write_mds(tmp_path, iter([{"key": "x", "jpg": original.getvalue(), "caption": "c", "negatives": [], "types": []}]))
+    stored = LocalDataset(str(tmp_path))[0]["jpg"]
+    assert np.array_equal(np.asarray(stored), np.asarray(Image.open(io.BytesIO(original.getvalue()))))  # not re-encoded
