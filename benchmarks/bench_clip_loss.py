@@ -11,18 +11,16 @@ Rows are appended to benchmarks/results/clip_loss.csv, and a plot is written bes
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import (RESULTS, append_rows, bf16_peak_tflops, device_for_kernels,  # noqa: E402
+from benchmarks.common import (DTYPES, append_rows, bf16_peak_tflops, device_for_kernels, kernel_sweep_args,  # noqa: E402
                                environment, measure, plot_p50)
 from kernels.clip_loss import clip_loss, clip_loss_ref  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def implementations(K: int, on_gpu: bool) -> dict:
@@ -50,18 +48,7 @@ def implementations(K: int, on_gpu: bool) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--B", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--K", type=int, nargs="+", default=[0, 4])
-    parser.add_argument("--D", type=int, nargs="+", default=[512, 768, 1024])
-    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke run: B ∈ {16, 32}, K ∈ {0, 2}, D=32, 3 reps")
-    parser.add_argument("--out", default="clip_loss", help="result file name (CSV and PNG)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the results")
-    args = parser.parse_args(argv)
-    if args.tiny:
-        args.B, args.K, args.D, args.reps = [16, 32], [0, 2], [32], 3
+    args, parser = kernel_sweep_args(argv, __doc__.split("\n")[0], default_K=[0, 4], tiny_K=[0, 2], out="clip_loss")
     device = device_for_kernels(parser)
     on_gpu = device == "cuda"
     dtype = DTYPES[args.dtype]

@@ -10,7 +10,6 @@ Rows are appended to benchmarks/results/grounded_loss.csv, and a plot is written
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -18,11 +17,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import (RESULTS, append_rows, device_for_kernels, environment, measure,  # noqa: E402
-                               plot_p50)
+from benchmarks.common import (DTYPES, append_rows, device_for_kernels, environment, kernel_sweep_args,  # noqa: E402
+                               measure, plot_p50)
 from kernels.grounded_loss import grounded_loss, grounded_loss_ref  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHTS = (0.1, 0.1, 0.005)  # igc, tgc, distill: the paper's
 
 
@@ -42,18 +40,7 @@ def copy_bandwidth_gbs(device: str, mib: int) -> float:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--B", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--K", type=int, nargs="+", default=[4])
-    parser.add_argument("--D", type=int, nargs="+", default=[512, 768, 1024])
-    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke run: b ∈ {16, 32}, K=2, D=32, 3 reps")
-    parser.add_argument("--out", default="grounded_loss", help="result file name (CSV and PNG)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the results")
-    args = parser.parse_args(argv)
-    if args.tiny:
-        args.B, args.K, args.D, args.reps = [16, 32], [2], [32], 3
+    args, parser = kernel_sweep_args(argv, __doc__.split("\n")[0], default_K=[4], tiny_K=[2], out="grounded_loss")
     device = device_for_kernels(parser)
     on_gpu = device == "cuda"
     dtype = DTYPES[args.dtype]

@@ -17,6 +17,27 @@ from typing import Callable
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def kernel_sweep_args(argv, description: str, default_K: list[int], tiny_K: list[int], out: str):
+    """The kernel benchmarks' shared command line: B/K/D sweep, dtype, reps, --tiny CPU smoke run, output;
+    → (parsed args with --tiny applied, parser)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--B", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--K", type=int, nargs="+", default=default_K)
+    parser.add_argument("--D", type=int, nargs="+", default=[512, 768, 1024])
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--tiny", action="store_true", help=f"CPU smoke run: B ∈ {{16, 32}}, K ∈ {set(tiny_K)}, D=32, 3 reps")
+    parser.add_argument("--out", default=out, help="result file name (CSV and PNG)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the results")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.B, args.K, args.D, args.reps = [16, 32], tiny_K, [32], 3
+    return args, parser
 
 # Dense bf16 tensor-core peak, TFLOP/s (vendor datasheets; SXM unless named).
 BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
