@@ -150,7 +150,8 @@ def load(point: ResumePoint, universal: bool, now: Layout, engine, teacher, num_
         positions.append(DataPosition.from_json(json.loads(path.read_text())))
     if now.world_size == point.saved.world_size:
         return positions[D.rank()]
-    log.warning("data: webdataset streams are dealt per rank, so the rest of epoch %d is read in the %d-rank order "
-                "from the same sample count (samples of this epoch may repeat or be missed); later epochs follow the new order exactly",
-                positions[0].epoch, now.world_size)
+    if positions[0].stream is None:  # MDS state counts samples over all ranks and carries over exactly
+        log.warning("data: webdataset streams are dealt per rank, so the rest of epoch %d is read in the %d-rank order "
+                    "from the same sample count (samples of this epoch may repeat or be missed); later epochs follow "
+                    "the new order exactly", positions[0].epoch, now.world_size)
     return reshard_position(positions, point.saved.grad_accum, now.grad_accum, num_workers, now.batch_size, D.rank())

@@ -27,7 +27,7 @@ from degla_scale.config import Config, ConfigError, as_dict  # noqa: E402
 from degla_scale.data.reader import (  # noqa: E402
     Batch, DataPosition, ShardReader, list_shards, peek_num_negatives, read_manifest,
 )
-from degla_scale.data.mds import MDSReader  # noqa: E402
+from degla_scale.data.mds import MDSReader, mds_stats  # noqa: E402
 from degla_scale.logs import RunLog, plot_loss_curves  # noqa: E402
 from degla_scale.models import (MAX_LOGIT_SCALE, DeGLAModel, build_model, image_transform,  # noqa: E402
                                 open_clip_layout, tokenizer)
@@ -50,14 +50,8 @@ def check_data(cfg: Config) -> int:
             continue
         manifest = read_manifest(source.path) or {}
         if cfg.data.format == "mds":
-            from streaming import LocalDataset
-
-            from degla_scale.data.mds import check_mds
-
-            check_mds(source.path)
-            local = LocalDataset(source.path)
-            data_k = len(local[0].get("negatives") or [])
-            manifest.setdefault("num_samples", len(local))
+            data_k, count = mds_stats(source.path)
+            manifest.setdefault("num_samples", count)
         else:
             data_k = manifest["num_negatives"] if "num_negatives" in manifest else peek_num_negatives(list_shards(source.path))
         if k not in (0, data_k):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing import Pool
@@ -142,14 +141,9 @@ def _write_chunk(job: tuple) -> dict:
         shutil.rmtree(target, ignore_errors=True)  # a half-written shard of an interrupted run
         write_mds(target, iter(good))
     else:
-        import webdataset as wds
+        from degla_scale.data.reader import write_wds
 
-        partial = target.with_suffix(".tar.partial")
-        with wds.TarWriter(str(partial)) as sink:
-            for r in good:
-                sink.write({"__key__": r["key"], "jpg": r["jpg"], "txt": r["caption"],
-                            "json": {"negatives": r["negatives"], "types": r["types"]}})
-        os.replace(partial, target)  # a shard exists only once complete
+        write_wds(target, good)
     return {"shard": name, "written": len(good), "rejects": rejects, "images": sorted(images)}
 
 

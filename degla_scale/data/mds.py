@@ -22,14 +22,19 @@ from degla_scale.data.reader import Batch, DataError, DataPosition, decode_image
 COLUMNS = {"key": "str", "jpg": "jpeg", "caption": "str", "negatives": "json", "types": "json"}
 
 
-def is_mds(path: str) -> bool:
-    return (Path(path) / "index.json").is_file()
-
-
 def check_mds(path: str) -> None:
-    if not is_mds(path):
+    if not (Path(path) / "index.json").is_file():
         raise DataError(f"data.train_shards={path!r} holds no MDS index.json: make MDS shards with "
                         "launch/make_shards.py --format mds, or set data.format=wds")
+
+
+def mds_stats(path: str) -> tuple[int, int]:
+    """(K negatives of the first sample, number of samples) of local MDS shards."""
+    from streaming import LocalDataset
+
+    check_mds(path)
+    local = LocalDataset(path)
+    return len(local[0].get("negatives") or []), len(local)
 
 
 def write_mds(out_dir: Path, records: Iterator[dict], shard_bytes: int = 1 << 26) -> int:
@@ -125,7 +130,6 @@ class MDSReader:
         if "LOCAL_SIZE" in os.environ:
             os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["LOCAL_SIZE"])
         clean_stale_shared_memory()  # left behind by a killed run (every rank calls it: it ends in a barrier)
-        self.batch_size = batch_size
         if len(paths) == 1:
             where = {"local": paths[0], "remote": remotes[0]}
         else:
@@ -135,8 +139,8 @@ class MDSReader:
         self.dataset = _dataset_class()(**where, batch_size=batch_size, shuffle=True, shuffle_seed=seed,
                                         num_negatives=num_negatives, transform=transform)
         self.loader = _BatchLoader(self.dataset, batch_size=batch_size, num_workers=num_workers,
-                                          collate_fn=_collate(tokenize), drop_last=True,
-                                          prefetch_factor=4 if num_workers else None, persistent_workers=False)
+                                   collate_fn=_collate(tokenize), drop_last=True,
+                                   prefetch_factor=4 if num_workers else None, persistent_workers=False)
 
     def epoch(self, position: DataPosition) -> Iterator[Batch]:
         """Yield this rank's batches of `position.epoch` from `position.batches` on, forever (caller stops)."""

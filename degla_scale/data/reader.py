@@ -62,6 +62,19 @@ def peek_num_negatives(shards: list[str]) -> int:
     raise DataError(f"shard {shards[0]} holds no samples: remake it")
 
 
+def write_wds(path: Path, records) -> int:
+    """Write {key, jpg (JPEG bytes), caption, negatives, types} records as one .tar shard; the file appears
+    (by rename) only once complete. Returns the count."""
+    partial, count = Path(f"{path}.partial"), 0
+    with wds.TarWriter(str(partial)) as sink:
+        for r in records:
+            sink.write({"__key__": r["key"], "jpg": r["jpg"], "txt": r["caption"],
+                        "json": {"negatives": r["negatives"], "types": r["types"]}})
+            count += 1
+    partial.replace(path)
+    return count
+
+
 @dataclass
 class Batch:
     images: torch.Tensor  # [b, 3, H, W]

@@ -252,13 +252,9 @@ def _write_shard(job: tuple) -> int:
         from degla_scale.data.mds import write_mds
 
         return write_mds(path, records)
-    import webdataset as wds
+    from degla_scale.data.reader import write_wds
 
-    with wds.TarWriter(str(path)) as sink:
-        for r in records:
-            sink.write({"__key__": r["key"], "jpg": r["jpg"], "txt": r["caption"],
-                        "json": {"negatives": r["negatives"], "types": r["types"]}})
-    return stop - start
+    return write_wds(path, records)
 
 
 def write_shards(out_dir: Path, split: str, seed: int, num_samples: int, num_negatives: int,
