@@ -16,21 +16,41 @@ import random
 import re
 import threading
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 TYPES = ("reshuffle", "swap_noun", "swap_adj", "replace_adj", "replace_noun")
 
-COLOURS = ("red", "green", "blue", "yellow", "black", "white", "orange", "purple", "pink", "brown", "gray", "grey")
-SIZES = ("small", "large", "big", "tiny", "little", "huge", "tall", "short")
-COUNTS = ("one", "two", "three", "four", "five", "six", "a", "an")
-OBJECTS = ("man", "woman", "child", "boy", "girl", "dog", "cat", "horse", "bird", "car", "bus", "truck", "bike",
-           "bicycle", "train", "boat", "plane", "table", "chair", "bench", "bed", "couch", "cup", "bottle", "plate",
-           "bowl", "pizza", "cake", "apple", "banana", "ball", "kite", "umbrella", "bag", "hat", "shirt", "tree",
-           "flower", "building", "clock", "phone", "laptop", "book", "sign", "window", "door", "street", "field",
-           "circle", "square", "triangle", "diamond", "cross", "star", "cube", "box", "sheep", "cow", "elephant")
-RELATIONS = ("left of", "right of", "above", "below", "on top of", "under", "next to", "behind", "in front of", "near")
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """The words the rule backend knows. Adjectives (colours, sizes, counts) are only swapped or replaced
+    within their group (a colour with a colour), so a rewrite never yields "a red small car"."""
+
+    colours: tuple[str, ...]
+    sizes: tuple[str, ...]
+    counts: tuple[str, ...]
+    objects: tuple[str, ...]
+    relations: tuple[str, ...]  # phrases "A <relation> B" that a reshuffle turns into "B <relation> A"
+
+    @property
+    def adjective_groups(self) -> tuple[tuple[str, ...], ...]:
+        return self.colours, self.sizes, self.counts
+
+
+LEXICON = Lexicon(
+    colours=("red", "green", "blue", "yellow", "black", "white", "orange", "purple", "pink", "brown", "gray", "grey"),
+    sizes=("small", "large", "big", "tiny", "little", "huge", "tall", "short"),
+    counts=("two", "three", "four", "five", "six", "seven", "eight", "many", "several"),
+    objects=("man", "woman", "child", "boy", "girl", "dog", "cat", "horse", "bird", "car", "bus", "truck", "bike",
+             "bicycle", "train", "boat", "plane", "table", "chair", "bench", "bed", "couch", "cup", "bottle", "plate",
+             "bowl", "pizza", "cake", "apple", "banana", "ball", "kite", "umbrella", "bag", "hat", "shirt", "tree",
+             "flower", "building", "clock", "phone", "laptop", "book", "sign", "window", "door", "street", "field",
+             "circle", "square", "triangle", "diamond", "cross", "star", "cube", "box", "sheep", "cow", "elephant"),
+    relations=("left of", "right of", "above", "below", "on top of", "under", "next to", "behind", "in front of", "near"),
+)
 STOPWORDS = frozenset("a an the of on in at to and with is are its it this that from by for near".split())
-ADJECTIVE_GROUPS = (COLOURS, SIZES)
 
 RULES = {
     "reshuffle": "Reorder the words or phrases of the caption so that its meaning changes. Use exactly the same "
@@ -81,39 +101,42 @@ def validate(kind: str, positive: str, negative: str) -> str | None:
 
 class RuleBackend:
     """Lexicon rules: swaps and replacements of known colours, sizes and objects; phrase reshuffles around
-    a known spatial relation. Returns None where a type does not apply to a caption."""
+    a known spatial relation. Returns None where a type does not apply to a caption. `attempt` > 0 draws
+    another rewrite of the same type (a replace may pick another word)."""
 
-    def __init__(self, seed: int = 0):
-        self.seed = seed
+    def __init__(self, seed: int = 0, lexicon: Lexicon = LEXICON):
+        self.seed, self.lexicon = seed, lexicon
 
-    def __call__(self, kind: str, caption: str) -> str | None:
-        rng = random.Random(f"{self.seed}/{kind}/{caption}")
+    def __call__(self, kind: str, caption: str, attempt: int = 0) -> str | None:
+        rng = random.Random(f"{self.seed}/{kind}/{caption}" + (f"/{attempt}" if attempt else ""))
         tokens = caption.split()
         low = [t.lower().strip(".,") for t in tokens]
-        nouns = [i for i, t in enumerate(low) if t in OBJECTS]
-        adjectives = [i for i, t in enumerate(low) if any(t in g for g in ADJECTIVE_GROUPS)]
+        groups = self.lexicon.adjective_groups
+        nouns = [i for i, t in enumerate(low) if t in self.lexicon.objects]
+        adjectives = [i for i, t in enumerate(low) if any(t in g for g in groups)]
         if kind == "swap_noun":
-            return _swap(tokens, nouns, low, rng)
+            return _swap(tokens, low, [nouns], rng)
         if kind == "swap_adj":
-            return _swap(tokens, adjectives, low, rng)
+            return _swap(tokens, low, [[i for i in adjectives if low[i] in g] for g in groups], rng)
         if kind == "replace_noun" and nouns:
             i = rng.choice(nouns)
-            return _replace(tokens, i, rng.choice([o for o in OBJECTS if o != low[i]]))
+            return _replace(tokens, i, rng.choice([o for o in self.lexicon.objects if o != low[i]]))
         if kind == "replace_adj" and adjectives:
             i = rng.choice(adjectives)
-            group = next(g for g in ADJECTIVE_GROUPS if low[i] in g)
+            group = next(g for g in groups if low[i] in g)
             return _replace(tokens, i, rng.choice([w for w in group if w != low[i]]))
         if kind == "reshuffle":
             text = " ".join(tokens)
-            for relation in RELATIONS:  # "A <relation> B" → "B <relation> A"
+            for relation in self.lexicon.relations:  # "A <relation> B" → "B <relation> A"
                 m = re.search(rf"^(.*?)\s+{relation}\s+(.*)$", text, flags=re.IGNORECASE)
                 if m and m.group(1).lower() != m.group(2).lower():
                     return f"{m.group(2)} {relation} {m.group(1)}"
         return None
 
 
-def _swap(tokens: list[str], positions: list[int], low: list[str], rng: random.Random) -> str | None:
-    pairs = [(i, j) for i in positions for j in positions if i < j and low[i] != low[j]]
+def _swap(tokens: list[str], low: list[str], groups: list[list[int]], rng: random.Random) -> str | None:
+    """Exchange two different words at positions of the same group."""
+    pairs = [(i, j) for positions in groups for i in positions for j in positions if i < j and low[i] != low[j]]
     if not pairs:
         return None
     i, j = rng.choice(pairs)
@@ -148,8 +171,8 @@ class AnswerCache:
                     self.answers[entry["key"]] = entry["answer"]
 
     @staticmethod
-    def key(model: str, kind: str, caption: str) -> str:
-        return hashlib.sha256(json.dumps([model, kind, caption]).encode()).hexdigest()
+    def key(model: str, kind: str, caption: str, attempt: int = 0) -> str:
+        return hashlib.sha256(json.dumps([model, kind, caption] + ([attempt] if attempt else [])).encode()).hexdigest()
 
     def get(self, key: str) -> str | None:
         return self.answers.get(key)
@@ -173,8 +196,8 @@ class LLMBackend:
         self.model, self.cache, self.temperature = model, cache, temperature
         self.asked = 0
 
-    def __call__(self, kind: str, caption: str) -> str | None:
-        key = AnswerCache.key(self.model, kind, caption)
+    def __call__(self, kind: str, caption: str, attempt: int = 0) -> str | None:
+        key = AnswerCache.key(self.model, kind, caption, attempt)
         answer = self.cache.get(key)
         if answer is None:
             reply = self.client.chat.completions.create(model=self.model, messages=prompt(kind, caption),
@@ -191,22 +214,27 @@ def _first_line(text: str) -> str:
 
 
 def negatives_for(backend, record_id: str, caption: str, num_negatives: int, types: tuple[str, ...],
-                  seed: int) -> tuple[list[tuple[str, str]], list[dict], int]:
-    """Up to K (type, negative) pairs for one caption, trying its types in a seeded order (each type at most
-    once, cycling only when K exceeds them). → (accepted, rejected answers, types that did not apply)."""
+                  seed: int, rounds: int = 2) -> tuple[list[tuple[str, str]], list[dict], int]:
+    """Up to K distinct (type, negative) pairs for one caption. Its types are tried in a seeded order, one
+    answer each per round; a further round (the backend's next `attempt`) runs only while fewer than K
+    were accepted, so types repeat only when K exceeds the applicable ones or answers were rejected.
+    → (accepted, rejected answers, types that did not apply)."""
     order = list(types)
     random.Random(f"{seed}/{record_id}").shuffle(order)
     accepted, rejected, not_applicable = [], [], 0
-    for kind in order:
-        if len(accepted) == num_negatives:
+    for attempt in range(rounds):
+        for kind in order:
+            if len(accepted) == num_negatives:
+                return accepted, rejected, not_applicable
+            answer = backend(kind, caption, attempt)
+            if answer is None:
+                not_applicable += attempt == 0
+                continue
+            reason = validate(kind, caption, answer)
+            if reason is None and answer not in (n for _, n in accepted):
+                accepted.append((kind, answer))
+            else:
+                rejected.append({"id": record_id, "type": kind, "answer": answer, "reason": reason or "duplicate"})
+        if not_applicable == len(order):
             break
-        answer = backend(kind, caption)
-        if answer is None:
-            not_applicable += 1
-            continue
-        reason = validate(kind, caption, answer)
-        if reason is None and answer not in (n for _, n in accepted):
-            accepted.append((kind, answer))
-        else:
-            rejected.append({"id": record_id, "type": kind, "answer": answer, "reason": reason or "duplicate"})
     return accepted, rejected, not_applicable

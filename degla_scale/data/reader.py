@@ -6,7 +6,7 @@ Determinism is what makes resume exact and keeps ranks in step:
 - each (epoch, pass) shuffles the shard list with a seeded RNG and deals shards to (rank, worker)
   slots round-robin; passes repeat forever, so every rank can always fill its `steps_per_epoch`
   batches (uneven shards would otherwise leave ranks with different batch counts and hang collectives);
-- the in-worker sample shuffle is seeded by (seed, epoch, rank, worker);
+- the in-worker sample shuffle is seeded by (seed, epoch, rank, worker, pass) and stays within a pass;
 - every batch carries how many raw samples its worker had consumed, so a resumed worker skips exactly
   those (before decoding), and the loader re-emits batches in the original worker round-robin order.
 """
@@ -85,37 +85,33 @@ class Batch:
     rejected: Counter = field(default_factory=Counter)  # bad samples skipped while building this batch
 
 
-class ShardStream(IterableDataset):
-    """Yields {"url": shard} for this (rank, worker) slot, pass after pass, forever."""
+class MixedSamples(IterableDataset):
+    """This (rank, worker) slot's raw samples, forever: per source, pass after pass, each pass's shards dealt
+    to slots from a seeded shard order and its samples shuffled within the pass (so one epoch holds no
+    repeats when the shards divide evenly); several sources are interleaved by weight with a seeded RNG.
+    A fixed sequence, so skipping its first n samples resumes it exactly."""
 
-    def __init__(self, shards: list[str], seed: int, epoch: int, rank: int, world: int, source: int = 0):
-        self.shards, self.seed, self.epoch, self.rank, self.world = shards, seed, epoch, rank, world
-        self.tag = f"/{source}" if source else ""  # source 0 keeps the single-source order
+    def __init__(self, sources: list[list[str]], weights: list[float], seed: int, epoch: int, rank: int, world: int,
+                 shuffle_buffer: int):
+        self.sources, self.weights, self.shuffle_buffer = sources, weights, shuffle_buffer
+        self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
 
-    def __iter__(self):
+    def _source(self, shards: list[str], source: int) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         slots = self.world * workers  # ShardReader checked there are at least this many shards
         slot = self.rank * workers + worker
+        tag = f"/{source}" if source else ""  # source 0 keeps the single-source order
         for data_pass in range(1 << 30):
-            order = list(self.shards)
-            random.Random(f"{self.seed}/{self.epoch}/{data_pass}{self.tag}").shuffle(order)
-            for url in order[slot::slots]:
-                yield {"url": url}
-
-
-class MixedSamples(IterableDataset):
-    """Raw samples of several sources, interleaved by weight with a seeded RNG per (epoch, rank, worker):
-    a fixed sequence, so skipping its first n samples resumes it exactly."""
-
-    def __init__(self, sources: list[list[str]], weights: list[float], seed: int, epoch: int, rank: int, world: int):
-        self.sources, self.weights = sources, weights
-        self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
+            order = list(shards)
+            random.Random(f"{self.seed}/{self.epoch}/{data_pass}{tag}").shuffle(order)
+            samples = wds.DataPipeline(wds.SimpleShardList(order[slot::slots]),
+                                       wds.tarfile_to_samples(handler=wds.warn_and_continue))
+            rng = random.Random(f"shuffle/{self.seed}/{self.epoch}/{self.rank}/{worker}/{data_pass}{tag}")
+            yield from _shuffled(samples, self.shuffle_buffer, rng)
 
     def __iter__(self):
-        streams = [iter(wds.DataPipeline(ShardStream(shards, self.seed, self.epoch, self.rank, self.world, i),
-                                         wds.tarfile_to_samples(handler=wds.warn_and_continue)))
-                   for i, shards in enumerate(self.sources)]
+        streams = [self._source(shards, i) for i, shards in enumerate(self.sources)]
         if len(streams) == 1:
             yield from streams[0]
             return
@@ -130,17 +126,15 @@ def _worker_id() -> int:
     return info.id if info else 0
 
 
-def _seeded_shuffle(bufsize: int, seed: int, epoch: int, rank: int):
-    def stage(samples):
-        rng = random.Random(f"shuffle/{seed}/{epoch}/{rank}/{_worker_id()}")
-        buffer = []
-        for sample in samples:
-            buffer.append(sample)
-            if len(buffer) > bufsize:
-                yield buffer.pop(rng.randrange(len(buffer)))
-        rng.shuffle(buffer)
-        yield from buffer
-    return stage
+def _shuffled(samples, bufsize: int, rng: random.Random):
+    """webdataset-style buffer shuffle with our own RNG (seeded, so a resumed run replays it)."""
+    buffer = []
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) > bufsize:
+            yield buffer.pop(rng.randrange(len(buffer)))
+    rng.shuffle(buffer)
+    yield from buffer
 
 
 def decode_sample(sample: dict, num_negatives: int) -> tuple[Image.Image, str, list[str]]:
@@ -268,8 +262,8 @@ class ShardReader:
             raise DataError(f"checkpoint was written with {len(position.consumed)} data workers but data.num_workers="
                             f"{self.num_workers}: resume with the same number of workers")
         pipeline = wds.DataPipeline(
-            MixedSamples(self.sources, self.weights, self.seed, position.epoch, self.rank, self.world),
-            _seeded_shuffle(self.shuffle_buffer, self.seed, position.epoch, self.rank),
+            MixedSamples(self.sources, self.weights, self.seed, position.epoch, self.rank, self.world,
+                         self.shuffle_buffer),
             _batches(self.batch_size, self.num_negatives, self.transform, self.tokenize, list(position.consumed)),
         )
         loader = DataLoader(pipeline, batch_size=None, num_workers=self.num_workers,

@@ -7,7 +7,8 @@ Splits (written by `write_synthetic_dataset`):
 - `pretrain/`: webdataset shards of loose captions for plain CLIP pre-training. Objects are named in
   random order and the relation is rarely stated, so word order says nothing about which object is
   where; in-batch contrast can then be won by a bag of words, which leaves the binding gap real CLIP has.
-- `finetune/`: two-object scenes with structured captions and K hard negatives (json: negatives, types).
+- `finetune/`: mostly two-object scenes with structured captions and K hard negatives, made by the
+  rule backend of `negatives.py` over this world's lexicon (json: negatives, types).
 - `sugarcrepe/`: held-out evaluation files in SugarCrepe's format, one per negative type.
 - `zeroshot/`: single-object images in class folders (colour + shape), for zero-shot classification.
 """
@@ -23,6 +24,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from degla_scale.data.negatives import TYPES as NEGATIVE_TYPES
+from degla_scale.data.negatives import Lexicon, RuleBackend, negatives_for
+
 COLOURS = {
     "red": (215, 35, 35),
     "green": (40, 165, 50),
@@ -35,7 +39,6 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
 SIZES = {"small": 0.15, "large": 0.24}  # radius as a fraction of the image side
 RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-NEGATIVE_TYPES = ("reshuffle", "swap_noun", "swap_adj", "replace_adj", "replace_noun")
 IMAGE_SIZE = 64
 
 
@@ -126,31 +129,20 @@ def oriented(scene: Scene, rng: random.Random) -> tuple[Obj, str, Obj]:
     return b, RELATIONS[scene.relation], a
 
 
-def negative(kind: str, subject: Obj, relation: str, obj: Obj, rng: random.Random) -> str:
-    """One hard negative of `kind` for the true statement (subject relation obj); false by construction."""
-    if kind == "reshuffle":  # same words, objects exchanged around the relation
-        return structured_caption(obj, relation, subject)
-    if kind == "swap_noun":  # shapes exchanged, colours and sizes stay in place
-        return structured_caption(Obj(obj.shape, subject.colour, subject.size), relation,
-                                  Obj(subject.shape, obj.colour, obj.size))
-    if kind == "swap_adj":  # colours exchanged (they always differ)
-        return structured_caption(Obj(subject.shape, obj.colour, subject.size), relation,
-                                  Obj(obj.shape, subject.colour, obj.size))
-    target_is_subject = rng.random() < 0.5
-    target = subject if target_is_subject else obj
-    if kind == "replace_adj":  # one object gets a colour, or the other size, it does not have
-        if rng.random() < 0.3:
-            other_size = next(s for s in SIZES if s != target.size)
-            new = Obj(target.shape, target.colour, other_size)
-        else:
-            used = {subject.colour, obj.colour}
-            new = Obj(target.shape, rng.choice([c for c in COLOURS if c not in used]), target.size)
-    elif kind == "replace_noun":  # one object becomes a shape absent from the scene
-        used = {subject.shape, obj.shape}
-        new = Obj(rng.choice([s for s in SHAPES if s not in used]), target.colour, target.size)
-    else:
-        raise ValueError(f"unknown negative type {kind!r}: use one of {NEGATIVE_TYPES}")
-    return structured_caption(new, relation, obj) if target_is_subject else structured_caption(subject, relation, new)
+# The rule backend with the synthetic world's own words: every rewrite is false of its scene, because two
+# objects always differ in shape and colour (a replacement names an object the scene does not hold; a
+# swap or reshuffle binds the attributes or the relation wrongly).
+LEXICON = Lexicon(colours=tuple(COLOURS), sizes=tuple(SIZES), counts=(), objects=SHAPES, relations=tuple(RELATIONS))
+
+
+def hard_negatives(seed: int, record_id: str, caption: str, num_negatives: int) -> tuple[list[str], list[str]]:
+    """K negatives of distinct applicable types (repeating types only when K exceeds them) → (texts, types)."""
+    accepted, rejected, _ = negatives_for(RuleBackend(seed, LEXICON), record_id, caption, num_negatives,
+                                          NEGATIVE_TYPES, seed, rounds=8)
+    if len(accepted) < num_negatives:
+        raise ValueError(f"the rule backend made {len(accepted)} of {num_negatives} negatives for {caption!r}: "
+                         "lower num_negatives")
+    return [n for _, n in accepted], [t for t, _ in accepted]
 
 
 BOUND_CAPTION_RATE = 0.15  # two-object pre-training captions that say which colour goes with which shape
@@ -188,41 +180,28 @@ def pretrain_sample(seed: int, index: int) -> tuple[Image.Image, str]:
 SINGLE_OBJECT_RATE = 0.3  # fine-tuning scenes with one object (only the replace types apply to them)
 
 
-def single_negative(kind: str, target: Obj, rng: random.Random) -> str:
-    """A replace-type negative for a one-object caption."""
-    if kind == "replace_adj" and rng.random() < 0.3:
-        return Obj(target.shape, target.colour, next(s for s in SIZES if s != target.size)).phrase()
-    if kind == "replace_adj":
-        return Obj(target.shape, rng.choice([c for c in COLOURS if c != target.colour]), target.size).phrase()
-    return Obj(rng.choice([s for s in SHAPES if s != target.shape]), target.colour, target.size).phrase()
-
-
 def finetune_record(seed: int, index: int, num_negatives: int, split: str = "finetune") -> dict:
-    """Scene, structured caption and K negatives of distinct applicable types (cycling when K exceeds them).
+    """Scene, structured caption and K hard negatives from the rule backend.
 
     Most scenes hold two objects (all five types apply); some hold one, so fine-tuning keeps seeing
     the plain object captions that zero-shot prompts resemble."""
     rng = _rng(seed, split, index)
     if rng.random() < SINGLE_OBJECT_RATE:
         scene = sample_scene(rng, 1)
-        types = [("replace_adj", "replace_noun")[(k + index) % 2] for k in range(num_negatives)]
-        negatives = [single_negative(t, scene.objects[0], rng) for t in types]
-        return {"scene": scene, "caption": scene.objects[0].phrase(), "negatives": negatives, "types": types}
-    scene = sample_scene(rng, 2)
-    subject, relation, obj = oriented(scene, rng)
-    kinds = rng.sample(NEGATIVE_TYPES, len(NEGATIVE_TYPES))
-    types = [kinds[k % len(kinds)] for k in range(num_negatives)]
-    negatives = [negative(t, subject, relation, obj, rng) for t in types]
-    return {"scene": scene, "caption": structured_caption(subject, relation, obj), "negatives": negatives, "types": types}
+        caption = scene.objects[0].phrase()
+    else:
+        scene = sample_scene(rng, 2)
+        caption = structured_caption(*oriented(scene, rng))
+    negatives, types = hard_negatives(seed, f"{split}/{index}", caption, num_negatives) if num_negatives else ([], [])
+    return {"scene": scene, "caption": caption, "negatives": negatives, "types": types}
 
 
 def eval_record(seed: int, kind: str, index: int) -> dict:
     """A held-out two-object scene with its caption and one negative of `kind`."""
     rng = _rng(seed, f"eval-{kind}", index)
     scene = sample_scene(rng, 2)
-    subject, relation, obj = oriented(scene, rng)
-    return {"scene": scene, "caption": structured_caption(subject, relation, obj),
-            "negative_caption": negative(kind, subject, relation, obj, rng)}
+    caption = structured_caption(*oriented(scene, rng))
+    return {"scene": scene, "caption": caption, "negative_caption": RuleBackend(seed, LEXICON)(kind, caption)}
 
 
 # ---------------------------------------------------------------- writers

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from degla_scale.data.negatives import RULES, TYPES, RuleBackend, validate
+from degla_scale.data.negatives import LEXICON, RULES, TYPES, RuleBackend, negatives_for, validate
 from degla_scale.data.synthetic import finetune_record
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,6 +44,25 @@ def test_rule_backend_makes_every_type_for_two_object_captions():
             assert backend(kind, record["caption"]) == negative  # deterministic
             made += 1
     assert made >= 5 * 20
+
+
+def test_rule_backend_keeps_adjectives_in_their_group_and_redraws_on_attempt():
+    backend = RuleBackend(seed=0)
+    assert backend("swap_adj", "a small red car") is None  # a size never trades places with a colour
+    assert backend("swap_adj", "a small red car and a large blue truck") in (
+        "a large red car and a small blue truck", "a small blue car and a large red truck")
+    assert backend("replace_adj", "two dogs on a bench").split()[0] in LEXICON.counts
+    redrawn = {backend("replace_noun", "a red car", attempt) for attempt in range(6)}
+    assert len(redrawn) > 1 and all(validate("replace_noun", "a red car", n) is None for n in redrawn)
+
+
+def test_negatives_for_repeats_types_only_when_k_exceeds_the_applicable_ones():
+    accepted, rejected, not_applicable = negatives_for(RuleBackend(seed=0), "r0", "a small red car", 4, TYPES, seed=0,
+                                                       rounds=8)
+    assert len({n for _, n in accepted}) == 4 and not_applicable == 3  # only the two replace types apply
+    assert sorted({t for t, _ in accepted}) == ["replace_adj", "replace_noun"]
+    accepted, _, _ = negatives_for(RuleBackend(seed=0), "r1", "a small red car left of a large blue bus", 4, TYPES, seed=0)
+    assert len({t for t, _ in accepted}) == 4
 
 
 class FakeEndpoint(BaseHTTPRequestHandler):

@@ -84,6 +84,15 @@ def test_ranks_see_disjoint_samples(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+def test_one_pass_has_no_repeats(tmp_path, workers):
+    """The shuffle buffer is emptied at the end of each pass: reading exactly one pass gives every sample
+    once, even with a buffer larger than a worker's share."""
+    folder = write_shards(tmp_path / "d", num_shards=4, per_shard=6)
+    keys = [k for b in take(reader(folder, workers=workers, shuffle=20).epoch(DataPosition()), 6) for k in b.keys]
+    assert sorted(keys) == sorted(f"s{s}_{i}" for s in range(4) for i in range(6))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
 def test_resume_mid_epoch_continues_exactly(tmp_path, workers):
     folder = write_shards(tmp_path / "d", num_shards=4, per_shard=8, bad={"s1_2": "corrupt"})
     full = [b.keys for b in take(reader(folder, workers=workers, batch=3).epoch(DataPosition()), 9)]
