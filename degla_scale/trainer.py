@@ -29,8 +29,8 @@ from degla_scale.data.reader import (  # noqa: E402
 )
 from degla_scale.data.mds import MDSReader, mds_stats  # noqa: E402
 from degla_scale.logs import RunLog, plot_loss_curves  # noqa: E402
-from degla_scale.models import (MAX_LOGIT_SCALE, DeGLAModel, build_model, image_transform,  # noqa: E402
-                                open_clip_layout, tokenizer)
+from degla_scale.export import engine_state_dict  # noqa: E402
+from degla_scale.models import MAX_LOGIT_SCALE, build_model, image_transform, open_clip_layout, tokenizer  # noqa: E402
 from degla_scale.objective import DeGLALoss, degla_loss  # noqa: E402
 from degla_scale.teacher import EMATeacher  # noqa: E402
 from degla_scale.teacher_sharded import ShardedEMATeacher, ZeRO3EMATeacher  # noqa: E402
@@ -372,12 +372,11 @@ def train(cfg: Config) -> dict:
 def finish(run: Run) -> None:
     """Final open_clip-format weights (student and teacher) and the loss-curve plot, from rank 0."""
     teacher = run.teacher.full_state_dict() if run.teacher is not None else None  # every rank takes part
+    student = engine_state_dict(run.engine)  # ZeRO-3 holds no full weights anywhere: assembled by all ranks
     if D.rank() != 0:
         return
     final = run.run_dir / "final"
     final.mkdir(parents=True, exist_ok=True)
-    module: DeGLAModel = run.engine.module
-    student = {k: v.float() for k, v in module.open_clip_state_dict().items()}
     torch.save(student, final / "student.pt")
     if teacher is not None:
         torch.save(open_clip_layout(teacher), final / "teacher.pt")

@@ -1,0 +1,65 @@
+"""Export round trip: a 2-rank run's checkpoint (ZeRO-0 and ZeRO-3) → safetensors → open_clip's own loader
+gives the embeddings of the weights the run held at its end, which the trainer assembled live from every
+rank (final/student.pt, final/teacher.pt) by another path than the export's offline merge of the files."""
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+import degla_scale.models  # noqa: F401  registers the "degla-tiny" architecture with open_clip
+from test_trainer import launch_two_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def export(checkpoint, out, *extra):
+    return subprocess.run([sys.executable, str(ROOT / "launch/export.py"), "--checkpoint", str(checkpoint),
+                           "--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@torch.no_grad()
+def embeddings(clip):
+    clip.eval()
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = open_clip.get_tokenizer("degla-tiny")(["a red circle left of a blue square", "a small star", "x"])
+    return clip.encode_image(images, normalize=True), clip.encode_text(tokens, normalize=True)
+
+
+def reference(state_file):
+    clip = open_clip.create_model("degla-tiny")
+    clip.load_state_dict(torch.load(state_file, weights_only=True))
+    return embeddings(clip)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 3])
+def test_export_round_trip(tmp_path, shards, stage):
+    run = tmp_path / "run"
+    launch_two_ranks(shards, run, 29561 + stage, f"zero.stage={stage}", "checkpoint.every=2", steps=4)
+    for which in ("student", "teacher"):
+        out = tmp_path / f"{which}.safetensors"
+        done = export(run, out, "--which", which)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "degla-tiny" in done.stdout
+        clip, _, preprocess = open_clip.create_model_and_transforms("degla-tiny", pretrained=str(out))
+        for got, want in zip(embeddings(clip), reference(run / f"final/{which}.pt")):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    early = tmp_path / "step2.safetensors"
+    assert export(run / "checkpoints/step00000002", early).returncode == 0
+    moved = open_clip.create_model("degla-tiny", pretrained=str(early))
+    assert not torch.equal(embeddings(moved)[0], reference(run / "final/student.pt")[0]), "training must move the weights"
+
+
+def test_export_refuses_what_it_cannot_read(tmp_path):
+    (tmp_path / "empty").mkdir()
+    done = export(tmp_path / "empty", tmp_path / "x.safetensors")
+    assert done.returncode == 2 and "holds no DeepSpeed checkpoint" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    state = {"w": torch.ones(2)}
+    torch.save(state, tmp_path / "student.pt")
+    done = export(tmp_path / "student.pt", tmp_path / "x.pt")
+    assert done.returncode == 2 and "rename it" in done.stderr
