@@ -223,17 +223,34 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    sugarcrepe_dir: str = "data/synthetic/sugarcrepe"
-    """Folder of SugarCrepe-format JSON files ({id: {filename, caption, negative_caption}}) and their images/."""
-    subsets: list[str] = field(default_factory=lambda: ["reshuffle", "swap_noun", "swap_adj", "replace_adj", "replace_noun"])
-    """SugarCrepe-format files to evaluate (file stems)."""
-    zeroshot_dir: Optional[str] = "data/synthetic/zeroshot"
-    """ImageFolder-layout classification split with classes.json (names, templates); null skips zero-shot."""
+    data_root: str = "data/synthetic"
+    """Folder holding one sub-folder per suite (sugarcrepe/, aro/, valse/, zeroshot/, retrieval/) in the
+    benchmark's released layout; each suite module's docstring gives its layout."""
+    suites: list[str] = field(default_factory=lambda: ["sugarcrepe", "zeroshot"])
+    """Suites to run: any of sugarcrepe, aro, valse, zeroshot, retrieval."""
+    sugarcrepe_subsets: list[str] = field(default_factory=lambda: [
+        "replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att"])
+    """SugarCrepe-format files to evaluate (file stems); the default is the 7 released subsets."""
+    aro_subsets: list[str] = field(default_factory=lambda: ["vg_relation", "vg_attribution", "coco_order", "flickr30k_order"])
+    """ARO subsets to evaluate."""
+    valse_pieces: list[str] = field(default_factory=lambda: [
+        "existence", "plurals", "counting-hard", "counting-small-quant", "counting-adversarial", "relations",
+        "action-replacement", "actant-swap", "coreference-standard", "coreference-hard", "foil-it"])
+    """VALSE pieces (file stems under valse/data/)."""
+    zeroshot_datasets: Optional[list[str]] = None
+    """Zero-shot dataset folders under zeroshot/; null = zeroshot/ itself if it is one dataset, else every sub-folder."""
+    retrieval_datasets: list[str] = field(default_factory=lambda: ["coco", "flickr30k"])
+    """Retrieval test splits (Karpathy JSON files) under retrieval/."""
     batch_size: int = 256
-    """Images per evaluation batch."""
+    """Images or texts per evaluation batch."""
 
     def __post_init__(self):
+        from degla_scale.eval import SUITES
+
         _check(self.batch_size >= 1, f"evaluation.batch_size={self.batch_size} must be >= 1")
+        unknown = [s for s in self.suites if s not in SUITES]
+        _check(bool(self.suites) and not unknown,
+               f"evaluation.suites={self.suites} names unknown suites {unknown}: choose from {list(SUITES)}")
 
 
 @dataclass

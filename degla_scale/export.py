@@ -36,6 +36,16 @@ def resolve_tag_dir(path: str | Path) -> Path:
     return path
 
 
+def run_model_section(path: str | Path) -> dict | None:
+    """The `model` section of the config.json of the run that `path` (a file or folder in it) belongs to."""
+    path = Path(path).resolve()
+    for folder in (path, *path.parents[:4]):
+        config = folder / "config.json"
+        if config.is_file():
+            return json.loads(config.read_text())["model"]
+    return None
+
+
 def _is_zero_partitioned(tag_dir: Path) -> bool:
     return any(tag_dir.glob("*zero_pp_rank_*optim_states.pt"))
 

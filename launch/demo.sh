@@ -18,10 +18,7 @@ python launch/train.py --config configs/tiny_pretrain.yaml data.format=$FORMAT d
 deepspeed --num_gpus 2 launch/train.py --config configs/tiny.yaml data.format=$FORMAT data.train_shards=$DATA/finetune \
   model.pretrained=$RUNS/tiny_pretrain/final/student.pt run_dir=$RUNS/tiny
 
-EVAL="evaluation.sugarcrepe_dir=$DATA/sugarcrepe evaluation.zeroshot_dir=$DATA/zeroshot"
-python launch/eval.py --config configs/tiny.yaml --checkpoint $RUNS/tiny_pretrain/final/student.pt \
-  --label pretrained --out $RUNS/demo/pretrained.json $EVAL > /dev/null
-python launch/eval.py --config configs/tiny.yaml --checkpoint $RUNS/tiny/final/student.pt \
-  --label degla --out $RUNS/demo/degla.json $EVAL > /dev/null
-python launch/eval.py --compare $RUNS/demo/pretrained.json $RUNS/demo/degla.json | tee $RUNS/demo/table.md
-echo "loss curves: $RUNS/tiny_pretrain/loss_curve.png $RUNS/tiny/loss_curve.png"
+python launch/eval.py --config configs/tiny.yaml --out $RUNS/demo evaluation.data_root=$DATA \
+  --model pretrained=$RUNS/tiny_pretrain/final/student.pt --model degla=$RUNS/tiny/final/student.pt > /dev/null
+cat $RUNS/demo/table.md
+echo "chart: $RUNS/demo/chart.png; loss curves: $RUNS/tiny_pretrain/loss_curve.png $RUNS/tiny/loss_curve.png"

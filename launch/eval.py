@@ -1,7 +1,14 @@
-"""Evaluate checkpoints on the SugarCrepe-format files and zero-shot split of a config.
+"""Evaluate models side by side on the benchmark suites: JSON, a Markdown table and a bar chart.
 
-    python launch/eval.py --config configs/tiny.yaml --checkpoint runs/tiny/final/student.pt [--out r.json]
-    python launch/eval.py --compare before.json after.json       # print a before/after table
+    python launch/eval.py --config configs/vitb32.yaml --out runs/eval \
+        --model base=openclip:ViT-B-32/openai --model degla=runs/vitb32 --model ema=runs/vitb32#teacher \
+        evaluation.data_root=/data/eval evaluation.suites=[sugarcrepe,aro,valse,zeroshot,retrieval]
+
+--model [LABEL=]SOURCE (repeatable): openclip:NAME/TAG, a run directory or checkpoint (any ZeRO stage;
+#teacher for the EMA teacher), a final .pt or an exported .safetensors (see degla_scale/eval/models.py).
+The config gives the `evaluation` section (data root, suites, subsets) and the architecture for files that
+have no run config beside them; key=value overrides follow it. Writes OUT/results.json, OUT/table.md and
+OUT/chart.png.
 """
 import argparse
 import json
@@ -12,25 +19,10 @@ from pathlib import Path
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config naming the model and the evaluation data")
-    parser.add_argument("--checkpoint", help=".pt file, run directory or DeepSpeed checkpoint folder (default: model.pretrained)")
-    parser.add_argument("--which", choices=["student", "teacher"], default="student")
-    parser.add_argument("--label", help="name of this model in tables (default: the checkpoint path)")
-    parser.add_argument("--out", help="write the results JSON here")
-    parser.add_argument("--compare", nargs="+", metavar="JSON", help="print a table comparing saved results")
+    parser.add_argument("--config", required=True, help="YAML config (its evaluation section and model)")
+    parser.add_argument("--model", action="append", required=True, metavar="[LABEL=]SOURCE")
+    parser.add_argument("--out", required=True, type=Path, help="folder for results.json, table.md, chart.png")
     args, overrides = parser.parse_known_args(argv)
-
-    from degla_scale.eval import comparison_table
-
-    if args.compare:
-        results = {}
-        for path in args.compare:
-            saved = json.loads(Path(path).read_text())
-            results[saved["label"]] = saved["results"]
-        print(comparison_table(results))
-        return 0
-    if not args.config:
-        parser.error("--config is required unless --compare is given")
 
     from degla_scale.config import ConfigError, load_config
 
@@ -41,17 +33,30 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    from degla_scale.eval import evaluate
-    from degla_scale.eval.common import load_for_eval
+    from degla_scale.eval import comparison_chart, comparison_table, evaluate
+    from degla_scale.eval.common import EvalDataError
+    from degla_scale.eval.models import ModelSpec, load_encoder
 
+    try:
+        specs = [ModelSpec.parse(text) for text in args.model]
+    except ValueError as exc:
+        parser.error(str(exc))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_for_eval(cfg.model, args.checkpoint, args.which)
-    results = evaluate(cfg, model, device)
-    label = args.label or args.checkpoint or f"{cfg.model.name}:{cfg.model.pretrained}"
-    print(comparison_table({label: results}))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"label": label, "checkpoint": args.checkpoint, "results": results}, indent=1))
+    results = {}
+    for spec in specs:
+        encoder = load_encoder(spec, cfg.model, cfg.evaluation.batch_size, device)
+        try:
+            results[spec.label] = evaluate(encoder, cfg.evaluation)
+        except EvalDataError as exc:
+            print(f"evaluation data error: {exc}", file=sys.stderr)
+            return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    sources = {s.label: f"{s.source}#{s.which}" for s in specs}
+    (args.out / "results.json").write_text(json.dumps({"models": sources, "results": results}, indent=1))
+    table = comparison_table(results)
+    (args.out / "table.md").write_text(table + "\n")
+    comparison_chart(results, args.out / "chart.png")
+    print(table)
     return 0
 
 

@@ -7,17 +7,8 @@
 stage), or a final/student.pt. The model name is read from the run's config.json when there is one.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
-
-
-def find_model_name(checkpoint: Path) -> str | None:
-    for folder in (checkpoint, *checkpoint.parents[:3]):
-        config = folder / "config.json"
-        if config.is_file():
-            return json.loads(config.read_text())["model"]["name"]
-    return None
 
 
 def main(argv=None) -> int:
@@ -30,11 +21,11 @@ def main(argv=None) -> int:
     if not args.checkpoint.exists():
         parser.error(f"--checkpoint {args.checkpoint}: no such file or folder")
 
-    from degla_scale.export import ExportError, checkpoint_state_dict, export_safetensors
+    from degla_scale.export import ExportError, checkpoint_state_dict, export_safetensors, run_model_section
 
     try:
         state = checkpoint_state_dict(args.checkpoint, args.which)
-        name = find_model_name(args.checkpoint.resolve())
+        name = (run_model_section(args.checkpoint) or {}).get("name")
         out = export_safetensors(state, args.out, {"model": name or "unknown", "source": str(args.checkpoint),
                                                    "which": args.which})
     except ExportError as exc:

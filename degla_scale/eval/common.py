@@ -1,64 +1,95 @@
-"""Shared evaluation plumbing: load a model from any checkpoint form, and embed in batches."""
+"""Shared evaluation plumbing: what an evaluator asks of a model (an `Encoder`), image references, and one
+clear error for missing benchmark files.
+
+Every evaluator takes an `Encoder` and a data root, so its scoring rules can be tested with a fake encoder
+whose embeddings make the right answer known. Shapes: embeddings [N, D], L2-normalised, float32, CPU.
+"""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, Sequence
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
-from degla_scale.config import ModelConfig
-from degla_scale.models import DeGLAModel, build_model
+
+class EvalDataError(FileNotFoundError):
+    """A benchmark file or image is missing or malformed; the message names the path and the fix."""
 
 
-def _latest_tag(ckpt_dir: Path) -> Path:
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
-        raise FileNotFoundError(f"{ckpt_dir} has no 'latest' file: pass a DeepSpeed checkpoint folder or a .pt file")
-    return ckpt_dir / latest.read_text().strip()
+def require(path: Path, what: str) -> Path:
+    """`path` if it exists, else one line naming it, what it is, and where it comes from."""
+    if not path.exists():
+        raise EvalDataError(f"{what} not found at {path}: check --data-root (see the evaluator's docstring for the layout)")
+    return path
 
 
-def load_for_eval(cfg: ModelConfig, checkpoint: str | None, which: str = "student") -> DeGLAModel:
-    """`checkpoint` is an open_clip .pt file, a run directory, a DeepSpeed checkpoint folder, or None
-    (the config's own `pretrained`)."""
-    if checkpoint is None:
-        return build_model(cfg).eval()
-    path = Path(checkpoint)
-    if path.is_file():
-        return build_model(ModelConfig(cfg.name, pretrained=str(path))).eval()
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist: pass a .pt file or a checkpoint folder")
-    if (path / "checkpoints").is_dir():  # a run directory
-        path = path / "checkpoints"
-    tag_dir = _latest_tag(path) if (path / "latest").is_file() else path
-    model = build_model(ModelConfig(cfg.name), load_weights=False)
-    if which == "teacher":
-        state = torch.load(tag_dir / "teacher.pt", map_location="cpu")["module"]
-    else:
-        state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    return model.eval()
+@dataclass(frozen=True)
+class ImageRef:
+    """An image on disk, optionally cropped to a box (x, y, w, h) in pixels, as ARO's relation/attribute sets do."""
+
+    path: Path
+    box: tuple[float, float, float, float] | None = None
+
+    def load(self) -> Image.Image:
+        try:
+            with Image.open(self.path) as im:
+                rgb = im.convert("RGB")
+        except FileNotFoundError:
+            raise EvalDataError(f"image {self.path} not found: check --data-root and the benchmark's image folder") from None
+        if self.box is None:
+            return rgb
+        x, y, w, h = self.box
+        return rgb.crop((x, y, x + w, y + h))
 
 
-@torch.no_grad()
-def embed_texts(model: DeGLAModel, tokenize, texts: list[str], batch_size: int, device) -> torch.Tensor:
-    out = []
-    for i in range(0, len(texts), batch_size):
-        out.append(model.clip.encode_text(tokenize(texts[i:i + batch_size]).to(device), normalize=True).float())
-    return torch.cat(out)
+class Encoder(Protocol):
+    def images(self, refs: Sequence[ImageRef], desc: str = "images") -> torch.Tensor:
+        """[N, D] L2-normalised image embeddings, in the order of `refs`."""
+
+    def texts(self, texts: Sequence[str], desc: str = "texts") -> torch.Tensor:
+        """[N, D] L2-normalised text embeddings, in the order of `texts`."""
 
 
-@torch.no_grad()
-def embed_images(model: DeGLAModel, images: list, transform, batch_size: int, device, desc: str) -> torch.Tensor:
-    """`images` are paths or PIL images."""
-    from PIL import Image
+def _unique(items: Sequence) -> tuple[list, torch.Tensor]:
+    """Distinct items in first-seen order and, per input item, its index among them."""
+    index: dict = {}
+    where = [index.setdefault(item, len(index)) for item in items]
+    return list(index), torch.tensor(where, dtype=torch.long)
 
-    out = []
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False):
-        pixels = []
-        for item in images[i:i + batch_size]:
-            if isinstance(item, (str, Path)):
-                with Image.open(item) as im:
-                    item = im.convert("RGB")
-            pixels.append(transform(item))
-        out.append(model.clip.encode_image(torch.stack(pixels).to(device), normalize=True).float())
-    return torch.cat(out)
+
+class ModelEncoder:
+    """Embeds with an open_clip model (`encode_image` / `encode_text`) in batches, with a progress bar.
+    Each distinct image or text is embedded once (benchmarks reuse images across many captions)."""
+
+    def __init__(self, clip, transform, tokenize, batch_size: int = 64, device: torch.device | str = "cpu",
+                 loader_threads: int = 8):
+        self.clip, self.transform, self.tokenize = clip.to(device).eval(), transform, tokenize
+        self.batch_size, self.device, self.loader_threads = batch_size, device, loader_threads
+
+    @torch.no_grad()
+    def images(self, refs: Sequence[ImageRef], desc: str = "images") -> torch.Tensor:
+        distinct, where = _unique(refs)
+        out = []
+        with ThreadPoolExecutor(self.loader_threads) as pool:  # JPEG decoding releases the GIL
+            for i in tqdm(range(0, len(distinct), self.batch_size), desc=desc, unit="batch", leave=False):
+                pixels = list(pool.map(lambda ref: self.transform(ref.load()), distinct[i:i + self.batch_size]))
+                out.append(self.clip.encode_image(torch.stack(pixels).to(self.device), normalize=True).float().cpu())
+        return torch.cat(out)[where] if out else torch.zeros(0, 0)
+
+    @torch.no_grad()
+    def texts(self, texts: Sequence[str], desc: str = "texts") -> torch.Tensor:
+        distinct, where = _unique(texts)
+        out = []
+        for i in tqdm(range(0, len(distinct), self.batch_size), desc=desc, unit="batch", leave=False):
+            tokens = self.tokenize(distinct[i:i + self.batch_size]).to(self.device)
+            out.append(self.clip.encode_text(tokens, normalize=True).float().cpu())
+        return torch.cat(out)[where] if out else torch.zeros(0, 0)
+
+
+def pairwise_correct(img_ND: torch.Tensor, pos_ND: torch.Tensor, neg_ND: torch.Tensor) -> torch.Tensor:
+    """[N] bool: the image is strictly closer to the positive than to the negative (a tie counts as wrong)."""
+    return (img_ND * pos_ND).sum(-1) > (img_ND * neg_ND).sum(-1)

@@ -1,42 +1,67 @@
-"""SugarCrepe-format compositional evaluation: accuracy = cos(img, pos) > cos(img, neg), strictly.
+"""SugarCrepe (Hsieh et al., NeurIPS 2023 Datasets and Benchmarks; github.com/RAIVNLab/sugar-crepe), scored
+from an `Encoder`: accuracy = cos(img, pos) > cos(img, neg), strictly (a tie counts as wrong).
 
-File format (one per subset): {id: {"filename": ..., "caption": ..., "negative_caption": ...}},
-images under `image_dir` (SugarCrepe's own files point into COCO val2017).
+Layout under `root`::
+
+    root/<subset>.json   {id: {"filename": "000000397133.jpg", "caption": ..., "negative_caption": ...}}
+    root/images/         the images the files name (SugarCrepe's point into COCO val2017)
+
+The released subsets are `SUBSETS`; their group averages (replace / swap / add) are reported too. Any other
+file stems in this format can be evaluated (the synthetic data writes one per DeGLA negative type); a
+stem's group is its prefix when that is one of `GROUPS` (so "swap_noun" joins "swap").
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
-import torch
+from degla_scale.eval.common import Encoder, EvalDataError, ImageRef, pairwise_correct, require
 
-from degla_scale.eval.common import embed_images, embed_texts
-
-
-def read_subset(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"SugarCrepe file {path} not found: check evaluation.sugarcrepe_dir and subsets")
-    return list(json.loads(path.read_text()).values())
+SUBSETS = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att")
+GROUPS = ("replace", "swap", "add")
 
 
-def pairwise_accuracy(img_BD: torch.Tensor, pos_BD: torch.Tensor, neg_BD: torch.Tensor) -> float:
-    """Percent of rows whose image is strictly closer to the positive than to the negative (ties are wrong)."""
-    correct = (img_BD * pos_BD).sum(-1) > (img_BD * neg_BD).sum(-1)
-    return 100.0 * correct.float().mean().item()
+def read_subset(root: Path, name: str) -> list[dict]:
+    path = require(root / f"{name}.json", f"SugarCrepe subset {name!r}")
+    records = list(json.loads(path.read_text()).values())
+    for r in records:
+        if not all(isinstance(r.get(k), str) for k in ("filename", "caption", "negative_caption")):
+            raise EvalDataError(f"{path}: a record lacks filename/caption/negative_caption strings: {r}")
+    return records
 
 
-def evaluate_sugarcrepe(model, transform, tokenize, root: str | Path, subsets: list[str], batch_size: int,
-                        device, image_dir: str | Path | None = None) -> dict[str, float]:
+def group_averages(results: dict[str, float]) -> dict[str, float]:
+    """Mean accuracy per group (unweighted over its subsets), for the groups any subset belongs to."""
+    out = {}
+    for group in GROUPS:
+        members = [v for k, v in results.items() if k.split("_")[0] == group]
+        if members:
+            out[group] = sum(members) / len(members)
+    return out
+
+
+def evaluate_sugarcrepe(encoder: Encoder, root: str | Path, subsets: Sequence[str] = SUBSETS) -> dict[str, float]:
+    """{subset: %, ..., group: %, "average": mean over subsets}. All files and images are checked first."""
     root = Path(root)
-    image_dir = Path(image_dir) if image_dir else root / "images"
-    results = {}
-    for name in subsets:
-        records = read_subset(root / f"{name}.json")
-        missing = [r["filename"] for r in records if not (image_dir / r["filename"]).is_file()]
+    image_dir = root / "images"
+    records = {name: read_subset(root, name) for name in subsets}
+    for name, rows in records.items():
+        missing = sorted({r["filename"] for r in rows if not (image_dir / r["filename"]).is_file()})
         if missing:
-            raise FileNotFoundError(f"{len(missing)} images of {name} missing from {image_dir}, e.g. {missing[0]}")
-        img_BD = embed_images(model, [image_dir / r["filename"] for r in records], transform, batch_size, device, name)
-        pos_BD = embed_texts(model, tokenize, [r["caption"] for r in records], batch_size, device)
-        neg_BD = embed_texts(model, tokenize, [r["negative_caption"] for r in records], batch_size, device)
-        results[name] = pairwise_accuracy(img_BD, pos_BD, neg_BD)
+            raise EvalDataError(f"{len(missing)} images of SugarCrepe {name!r} missing from {image_dir}, e.g. "
+                                f"{image_dir / missing[0]}: put COCO val2017 (or the files' own images) there")
+    rows = [r for name in records for r in records[name]]  # one pass: the subsets share their COCO images
+    img_ND = encoder.images([ImageRef(image_dir / r["filename"]) for r in rows], desc="SugarCrepe images")
+    pos_ND = encoder.texts([r["caption"] for r in rows], desc="SugarCrepe captions")
+    neg_ND = encoder.texts([r["negative_caption"] for r in rows], desc="SugarCrepe negatives")
+    correct_N = pairwise_correct(img_ND, pos_ND, neg_ND)
+    results, start = {}, 0
+    for name in records:
+        stop = start + len(records[name])
+        results[name] = 100.0 * correct_N[start:stop].float().mean().item()
+        start = stop
+    averages = group_averages(results)
+    results["average"] = sum(results.values()) / len(results)
+    results.update(averages)
     return results

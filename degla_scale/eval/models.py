@@ -1,0 +1,54 @@
+"""What `launch/eval.py --model` names, turned into an `Encoder`.
+
+A model spec is `[LABEL=]SOURCE`:
+- `openclip:NAME/TAG`: any open_clip model and pretrained tag or file, for baselines (`openclip:ViT-B-32/openai`);
+- a path: a run directory, its checkpoints/ folder, one checkpoint tag folder (any ZeRO stage), a `.pt` state
+  dict in open_clip's layout (a run's final/student.pt) or an exported `.safetensors`; append `#teacher` for
+  the EMA teacher of a checkpoint. The architecture and its preprocessing come from the run's config.json,
+  else from the config given to launch/eval.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+
+from degla_scale.config import ModelConfig
+from degla_scale.eval.common import ModelEncoder
+from degla_scale.export import checkpoint_state_dict, run_model_section
+from degla_scale.models import build_clip, image_transform, tokenizer
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    label: str
+    source: str
+    which: str = "student"
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelSpec":
+        label, _, source = text.rpartition("=") if "=" in text else (text, "", text)
+        source, _, which = source.partition("#")
+        if which not in ("", "student", "teacher"):
+            raise ValueError(f"--model {text!r}: the part after '#' must be student or teacher")
+        if not source.startswith("openclip:") and not Path(source).exists():
+            raise ValueError(f"--model {text!r}: {source} does not exist; give a run directory, checkpoint, .pt or "
+                             ".safetensors file, or openclip:NAME/TAG")
+        return cls(label or source, source, which or "student")
+
+
+def load_encoder(spec: ModelSpec, default: ModelConfig, batch_size: int, device) -> ModelEncoder:
+    if spec.source.startswith("openclip:"):
+        name, _, tag = spec.source.removeprefix("openclip:").partition("/")
+        clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag or None)
+        return ModelEncoder(clip, preprocess, open_clip.get_tokenizer(name), batch_size, device)
+    section = run_model_section(spec.source)
+    cfg = ModelConfig(section["name"], pretrained=section.get("pretrained")) if section else default
+    if spec.source.endswith(".safetensors"):
+        clip = open_clip.create_model(cfg.name, pretrained=spec.source)
+    else:
+        clip = build_clip(ModelConfig(cfg.name), load_weights=False)
+        state = checkpoint_state_dict(spec.source, spec.which)
+        clip.load_state_dict({k: v.reshape(clip.state_dict()[k].shape) for k, v in state.items()})
+    return ModelEncoder(clip, image_transform(cfg), tokenizer(cfg), batch_size, device)
