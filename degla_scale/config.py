@@ -96,6 +96,9 @@ class ObjectiveConfig:
     """Fixed temperature τ of the text-grounded contrast."""
     backend: str = "auto"
     """Loss implementation: triton (fused kernels, no B×N logits), torch (eager), auto (triton on CUDA)."""
+    tgc_grouping: str = "own"
+    """TGC negatives: own (each sample's own K, DESIGN.md §2) or official (an ablation: row i with negatives
+    k·b + i, as the official code's repeat(1, K) pairs them); official runs in eager PyTorch."""
 
     def __post_init__(self):
         for name in ("igc_weight", "tgc_weight", "distill_weight"):
@@ -103,6 +106,9 @@ class ObjectiveConfig:
             _check(value >= 0 and math.isfinite(value), f"objective.{name}={value} must be a finite number >= 0")
         _check(self.tgc_scale > 0, f"objective.tgc_scale={self.tgc_scale} must be > 0 (the paper uses 10)")
         _check(self.backend in ("auto", "torch", "triton"), f"objective.backend={self.backend!r} must be auto, torch or triton")
+        _check(self.tgc_grouping in ("own", "official"), f"objective.tgc_grouping={self.tgc_grouping!r} must be own or official")
+        _check(not (self.tgc_grouping == "official" and self.backend == "triton"),
+               "objective.tgc_grouping=official has no Triton kernel: set objective.backend=torch (or auto)")
 
     @property
     def needs_teacher(self) -> bool:

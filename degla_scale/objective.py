@@ -111,14 +111,20 @@ def degla_loss(
     tgc_scale: float = 10.0,
     group: dist.ProcessGroup | None = None,
     backend: str = "auto",
+    tgc_grouping: str = "own",
 ) -> DeGLALoss:
     """L = L_clip + w_igc·L_igc + w_tgc·L_tgc + w_distill·L_distill (DESIGN.md §2).
 
     `scale` is the exponentiated logit scale (0-dim or shape [1]). A zero weight skips its term, so
     the teacher embeddings may be None when `tgc_weight == distill_weight == 0`. `backend`: "torch",
-    "triton" or "auto" (Triton for CUDA tensors).
+    "triton" or "auto" (Triton for CUDA tensors). `tgc_grouping="official"` is an ablation: TGC pairs row i
+    with negatives k·b + i (the official code's `repeat(1, K)`), in eager PyTorch only.
     """
-    if _use_triton(backend, img_BD):
+    if tgc_grouping not in ("own", "official"):
+        raise ValueError(f"tgc_grouping={tgc_grouping!r} is not one of own, official")
+    if tgc_grouping == "official" and backend == "triton":
+        raise ValueError("tgc_grouping='official' (an ablation) has no Triton kernel: use backend='torch' or 'auto'")
+    if tgc_grouping == "own" and _use_triton(backend, img_BD):
         return _degla_loss_triton(img_BD, txt_ND, scale, t_img_BD, t_txt_ND, num_negatives, igc_weight, tgc_weight,
                                   distill_weight, tgc_scale, group)
     dtype = _compute_dtype(img_BD)
@@ -136,10 +142,12 @@ def degla_loss(
     clip = global_contrastive_loss(img_BD, pos_BD, neg_BKD, scale, group)
     # With K = 0 the grouped terms are a softmax over one logit: exactly 0, so skip them too.
     igc = grouped_contrastive_loss(img_BD, pos_BD, neg_BKD, scale) if igc_weight != 0 and K > 0 else zero
-    tgc = (
-        grouped_contrastive_loss(pos_BD, t_txt_ND[:b], neg_BKD, tgc_scale)
-        if tgc_weight != 0 and K > 0 else zero
-    )
+    if tgc_weight != 0 and K > 0:
+        # official: the flat negatives read K-major, so row i meets negative rows k·b + i (other samples')
+        tgc_neg_BKD = neg_BKD if tgc_grouping == "own" else txt_ND[b:].reshape(K, b, -1).transpose(0, 1)
+        tgc = grouped_contrastive_loss(pos_BD, t_txt_ND[:b], tgc_neg_BKD, tgc_scale)
+    else:
+        tgc = zero
     distill = distill_loss(img_BD, txt_ND, t_img_BD, t_txt_ND) if distill_weight != 0 else zero
     total = clip + igc_weight * igc + tgc_weight * tgc + distill_weight * distill
     return DeGLALoss(total=total, clip=clip, igc=igc, tgc=tgc, distill=distill)

@@ -17,16 +17,18 @@ def ce(logits, target):
     return -(logits[target] - torch.logsumexp(logits, 0))
 
 
-def reference_loss(img, txt, scale, t_img, t_txt, K, w_igc=0.1, w_tgc=0.1, w_distill=0.005, tau=10.0):
-    """Per-row cross-entropies over explicitly listed logits; negative k of sample i is row b + i*K + k."""
+def reference_loss(img, txt, scale, t_img, t_txt, K, w_igc=0.1, w_tgc=0.1, w_distill=0.005, tau=10.0, official=False):
+    """Per-row cross-entropies over explicitly listed logits; negative k of sample i is row b + i*K + k.
+    `official`: TGC pairs row i with rows b + k*b + i instead (the official code's grouping, an ablation)."""
     b = img.shape[0]
     pos = txt[:b]
     negs = [[txt[b + i * K + k] for k in range(K)] for i in range(b)]
+    tgc_negs = [[txt[b + k * b + i] for k in range(K)] for i in range(b)] if official else negs
     i2t = sum(ce(torch.stack([scale * img[i] @ txt[j] for j in range(len(txt))]), i) for i in range(b)) / b
     t2i = sum(ce(torch.stack([scale * pos[i] @ img[j] for j in range(b)]), i) for i in range(b)) / b
     clip = (i2t + t2i) / 2
     igc = sum(ce(torch.stack([scale * img[i] @ c for c in [pos[i], *negs[i]]]), 0) for i in range(b)) / b
-    tgc = sum(ce(torch.stack([tau * pos[i] @ c for c in [t_txt[i], *negs[i]]]), 0) for i in range(b)) / b
+    tgc = sum(ce(torch.stack([tau * pos[i] @ c for c in [t_txt[i], *tgc_negs[i]]]), 0) for i in range(b)) / b
     distill = ((img - t_img) ** 2).sum() + ((txt - t_txt) ** 2).sum()
     total = clip + w_igc * igc + w_tgc * tgc + w_distill * distill
     return {"total": total, "clip": clip, "igc": igc, "tgc": tgc, "distill": distill}
@@ -154,6 +156,21 @@ def test_each_sample_uses_its_own_negatives():
     official_negs = [[txt[b + k * b + i] for k in range(K)] for i in range(b)]
     official = sum(ce(torch.stack([s * img[i] @ c for c in [img[i], *official_negs[i]]]), 0) for i in range(b)) / b
     assert abs(official.item() - expected) > 1e-3
+
+
+@pytest.mark.parametrize("b,K", [(5, 3), (4, 4), (3, 2)])  # K = 1: both groupings coincide
+def test_official_tgc_grouping_ablation_matches_its_reference(b, K):
+    inputs = make_inputs(b, K, 8)
+    got, got_grads = losses_and_grads(ours(K, tgc_grouping="official"), *inputs)
+    want, want_grads = losses_and_grads(lambda *a: reference_loss(*a, K, official=True), *inputs)
+    for term in TERMS:
+        torch.testing.assert_close(got[term], want[term], rtol=1e-10, atol=1e-12, msg=f"term {term}")
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    own = losses_and_grads(ours(K), *inputs)[0]
+    assert abs(own["tgc"] - got["tgc"]) > 1e-6 and own["igc"] == got["igc"]  # only TGC changes
+    with pytest.raises(ValueError, match="no Triton kernel"):
+        degla_loss(*inputs, num_negatives=K, backend="triton", tgc_grouping="official")
 
 
 def test_wrong_caption_count_is_rejected():
