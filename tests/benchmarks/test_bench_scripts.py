@@ -58,3 +58,40 @@ def test_data_benchmark_on_tiny_config(tmp_path):
         assert rate > 0 and feed > 0 and r["feed_source"].startswith("estimate")
         assert int(r["workers_per_gpu"]) == math.ceil(feed / rate)
     assert (tmp_path / "data.png").stat().st_size > 5_000
+
+
+def test_replication_script_on_tiny_data(tmp_path):
+    """Two variants, one seed, two steps each: a row per run plus the pre-trained model, a table and a plot."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import open_clip
+    import torch
+
+    import degla_scale.models  # noqa: F401  registers "degla-tiny"
+    from degla_scale.data.synthetic import write_shards, write_sugarcrepe, write_zeroshot
+
+    root = Path(__file__).resolve().parents[2]
+    data = tmp_path / "data"
+    write_shards(data / "finetune", "finetune", seed=0, num_samples=64, num_negatives=4, shard_size=32, workers=1)
+    write_sugarcrepe(data / "sugarcrepe", seed=1, per_type=4)
+    write_zeroshot(data / "zeroshot", seed=2, per_class=1)
+    torch.save(open_clip.create_model("degla-tiny").state_dict(), tmp_path / "pretrained.pt")
+    out = tmp_path / "results/replicate"
+    result = subprocess.run([sys.executable, "benchmarks/replicate_tiny.py", "--pretrained", str(tmp_path / "pretrained.pt"),
+                             "--data", str(data), "--steps", "2", "--batch-size", "8", "--seeds", "0",
+                             "--variants", "negclip", "degla_official_tgc", "--work", str(tmp_path / "runs"),
+                             "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert [(r["variant"], r["seed"]) for r in rows] == [("pretrained", "-"), ("negclip", "0"), ("degla_official_tgc", "0")]
+    for r in rows:
+        assert 0 <= float(r["comp_avg"]) <= 100 and 0 <= float(r["zeroshot_acc1"]) <= 100 and r["command"]
+    assert all((tmp_path / f"runs/{v}_s0/final/student.pt").is_file() for v in ("negclip", "degla_official_tgc"))
+    official = [line for line in (tmp_path / "runs/degla_official_tgc_s0/config.json").read_text().splitlines()
+                if "tgc_grouping" in line]
+    assert official and "official" in official[0]
+    report = out.with_suffix(".md").read_text()
+    assert "| degla_official_tgc |" in report and "Command:" in report
+    assert out.with_suffix(".png").stat().st_size > 5_000
