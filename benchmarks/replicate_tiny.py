@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import statistics
 import subprocess
@@ -119,8 +118,8 @@ def write_report(rows: list[dict], out: Path, env: dict, args) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in metrics.values()) + " |")
     found = verdicts(summary)
     text = ["# Miniature replication (tiny CLIP, synthetic data)", "",
-            f"{args.steps} steps of batch {args.batch_size} per run, seeds {args.seeds}; percent, mean ± std over "
-            "seeds (the pre-trained row is one model).", "", *lines, "", *found, "",
+            (f"{args.steps} steps of batch {args.batch_size} per run, seeds {args.seeds}; percent, mean ± std over "
+             "seeds (the pre-trained row is one model)."), "", *lines, "", *found, "",
             f"Command: `{env['command']}`  ", f"Date: {env['date']}; device: {env['device']}; torch {env['torch']}."]
     out.with_suffix(".md").write_text("\n".join(text) + "\n")
     plot(summary, out.with_suffix(".png"))

@@ -8,9 +8,9 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from test_trainer import launch_two_ranks
 
 import degla_scale.models  # noqa: F401  registers the "degla-tiny" architecture with open_clip
-from test_trainer import launch_two_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def test_export_round_trip(tmp_path, shards, stage):
         done = export(run, out, "--which", which)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "degla-tiny" in done.stdout
-        clip, _, preprocess = open_clip.create_model_and_transforms("degla-tiny", pretrained=str(out))
+        clip, _, _ = open_clip.create_model_and_transforms("degla-tiny", pretrained=str(out))
         for got, want in zip(embeddings(clip), reference(run / f"final/{which}.pt")):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 

@@ -37,7 +37,6 @@ for. All four perturbations shuffle the tagger's tokens (the release tokenises t
 """
 from __future__ import annotations
 
-import json
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -53,7 +52,9 @@ from degla_scale.eval.common import (
     EvalDataError,
     ImageRef,
     pairwise_correct,
+    read_json,
     require,
+    require_images,
 )
 
 SUBSETS = ("vg_relation", "vg_attribution", "coco_order", "flickr30k_order")
@@ -261,26 +262,12 @@ _BOX_FIELDS = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
 
 def _read_records(path: Path, what: str, fields: Sequence[str]) -> list[dict]:
     """The JSON list at `path`, every record checked for `fields`, or an `EvalDataError` naming the path."""
-    require(path, what)
-    try:
-        records = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise EvalDataError(f"{what} at {path} is not valid JSON ({err})") from None
-    if not isinstance(records, list) or not records:
-        raise EvalDataError(f"{what} at {path} should be a non-empty JSON list of records")
+    records = read_json(path, what)
     for i, record in enumerate(records):
         missing = [field for field in fields if field not in record]
         if missing:
             raise EvalDataError(f"{what} at {path}: record {i} lacks {missing} (expected the released ARO format)")
     return records
-
-
-def _require_images(refs: Sequence[ImageRef], what: str) -> None:
-    """Fail before embedding anything if any image is missing, naming the first one."""
-    missing = [ref.path for ref in refs if not ref.path.is_file()]
-    if missing:
-        raise EvalDataError(f"{len(missing)} of {len(refs)} {what} images missing, e.g. {missing[0]}: "
-                            "check --data-root (see the evaluator's docstring for the layout)")
 
 
 def load_vg(root: Path, name: str) -> VGCases:
@@ -290,7 +277,7 @@ def load_vg(root: Path, name: str) -> VGCases:
                             ("image_path", *_BOX_FIELDS, "true_caption", "false_caption", group_field))
     image_dir = require(root / "images", f"ARO {name} image folder")
     refs = [ImageRef(image_dir / r["image_path"], tuple(float(r[k]) for k in _BOX_FIELDS)) for r in records]
-    _require_images(refs, f"ARO {name}")
+    require_images([ref.path for ref in refs], f"ARO {name}")
     groups = [r["relation_name"] if name == "vg_relation" else attribute_pair(r) for r in records]
     return VGCases(refs, [r["true_caption"] for r in records], [r["false_caption"] for r in records], groups)
 
@@ -306,7 +293,7 @@ def load_order(root: Path, name: str) -> OrderCases:
         record_captions = [record["caption"]] if isinstance(record["caption"], str) else record["caption"]
         image_index += [i] * len(record_captions)
         captions += record_captions
-    _require_images(images, f"ARO {name}")
+    require_images([ref.path for ref in images], f"ARO {name}")
     return OrderCases(images, image_index, captions)
 
 

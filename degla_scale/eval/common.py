@@ -6,6 +6,7 @@ whose embeddings make the right answer known. Shapes: embeddings [N, D], L2-norm
 """
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,27 @@ def require(path: Path, what: str) -> Path:
     if not path.exists():
         raise EvalDataError(f"{what} not found at {path}: check --data-root (see the evaluator's docstring for the layout)")
     return path
+
+
+def read_json(path: Path, what: str, expect: type = list):
+    """The non-empty JSON list (or dict) at `path`, or an `EvalDataError` naming it and what was expected."""
+    require(path, what)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise EvalDataError(f"{what} at {path} is not valid JSON ({err})") from None
+    if not isinstance(data, expect) or not data:
+        raise EvalDataError(f"{what} at {path} should be a non-empty JSON {expect.__name__}: is it the released file?")
+    return data
+
+
+def require_images(paths: Sequence[Path], what: str, fix: str = "check --data-root (see the evaluator's docstring "
+                                                                 "for the layout)") -> None:
+    """Fail before embedding anything if an image is missing, naming the first one: finding it after
+    embedding thousands would waste the run."""
+    missing = [p for p in dict.fromkeys(paths) if not p.is_file()]
+    if missing:
+        raise EvalDataError(f"{len(missing)} of {len(set(paths))} {what} images missing, e.g. {missing[0]}: {fix}")
 
 
 @dataclass(frozen=True)

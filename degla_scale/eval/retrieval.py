@@ -24,14 +24,13 @@ Memory: similarities are computed in row blocks (`chunk_size` queries × all can
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from degla_scale.eval.common import Encoder, EvalDataError, ImageRef, require
+from degla_scale.eval.common import Encoder, EvalDataError, ImageRef, read_json, require, require_images
 
 ANNOTATION_FILES: dict[str, tuple[str, ...]] = {
     "coco": ("coco_karpathy_test.json",),
@@ -65,14 +64,9 @@ def find_annotation(root: Path, dataset: str) -> Path:
 def load_split(annotation: str | Path, image_root: str | Path | None = None) -> RetrievalSplit:
     """Read a BLIP-format annotation file; images resolve against `image_root` (default: the file's folder).
     Every image must exist: finding a missing one after embedding thousands would waste the run."""
-    path = require(Path(annotation), "retrieval annotation file")
+    path = Path(annotation)
+    entries = read_json(path, "retrieval annotation file")
     image_root = Path(image_root) if image_root is not None else path.parent
-    try:
-        entries = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise EvalDataError(f"{path} is not valid JSON ({err}): expected {FORMAT}") from None
-    if not isinstance(entries, list) or not entries:
-        raise EvalDataError(f"{path} holds no entries: expected {FORMAT}")
     index: dict[str, int] = {}
     captions: list[str] = []
     owners: list[int] = []
@@ -86,11 +80,8 @@ def load_split(annotation: str | Path, image_root: str | Path | None = None) -> 
         captions += [c.strip() for c in caps]
         owners += [owner] * len(caps)
     paths = [image_root / name for name in index]
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise EvalDataError(f"{len(missing)} of {len(paths)} images of {path.name} are missing under {image_root}, "
-                            f"e.g. {missing[0]}: put them there, or pass the folder the json's \"image\" paths "
-                            f"start from (image_roots)")
+    require_images(paths, path.name, f"put them under {image_root}, or pass the folder the json's \"image\" paths "
+                                     "start from (image_roots)")
     return RetrievalSplit([ImageRef(p) for p in paths], captions, torch.tensor(owners, dtype=torch.long))
 
 

@@ -12,19 +12,18 @@ stem's group is its prefix when that is one of `GROUPS` (so "swap_noun" joins "s
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
-from degla_scale.eval.common import Encoder, EvalDataError, ImageRef, pairwise_correct, require
+from degla_scale.eval.common import Encoder, EvalDataError, ImageRef, pairwise_correct, read_json, require_images
 
 SUBSETS = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att")
 GROUPS = ("replace", "swap", "add")
 
 
 def read_subset(root: Path, name: str) -> list[dict]:
-    path = require(root / f"{name}.json", f"SugarCrepe subset {name!r}")
-    records = list(json.loads(path.read_text()).values())
+    path = root / f"{name}.json"
+    records = list(read_json(path, f"SugarCrepe subset {name!r}", dict).values())
     for r in records:
         if not all(isinstance(r.get(k), str) for k in ("filename", "caption", "negative_caption")):
             raise EvalDataError(f"{path}: a record lacks filename/caption/negative_caption strings: {r}")
@@ -47,10 +46,8 @@ def evaluate_sugarcrepe(encoder: Encoder, root: str | Path, subsets: Sequence[st
     image_dir = root / "images"
     records = {name: read_subset(root, name) for name in subsets}
     for name, rows in records.items():
-        missing = sorted({r["filename"] for r in rows if not (image_dir / r["filename"]).is_file()})
-        if missing:
-            raise EvalDataError(f"{len(missing)} images of SugarCrepe {name!r} missing from {image_dir}, e.g. "
-                                f"{image_dir / missing[0]}: put COCO val2017 (or the files' own images) there")
+        require_images([image_dir / r["filename"] for r in rows], f"SugarCrepe {name!r}",
+                       f"put COCO val2017 (or the files' own images) in {image_dir}")
     rows = [r for name in records for r in records[name]]  # one pass: the subsets share their COCO images
     img_ND = encoder.images([ImageRef(image_dir / r["filename"]) for r in rows], desc="SugarCrepe images")
     pos_ND = encoder.texts([r["caption"] for r in rows], desc="SugarCrepe captions")
