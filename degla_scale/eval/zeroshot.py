@@ -210,9 +210,12 @@ def find_datasets(root: Path) -> list[Path]:
 
 def evaluate_zeroshot(encoder: Encoder, root: str | Path, datasets: list[str] | None = None) -> dict[str, float]:
     """Flat {"<dataset>/acc1", "<dataset>/acc5", "<dataset>/mean_per_class_recall", ...,
-    "average/<metric>"} in percent. `datasets` names sub-folders of `root` to evaluate (each must be a
-    dataset folder); None evaluates `root` itself if it is a dataset folder, else every sub-folder."""
+    "average/<metric>" (for two or more datasets)} in percent. `datasets` names sub-folders of `root` to
+    evaluate (each must be a dataset folder); None evaluates every sub-folder, or `root` itself if it is a
+    dataset folder, which gives the bare {"acc1", "acc5", "mean_per_class_recall"}."""
     root = require(Path(root), "zero-shot root")
+    if datasets is None and is_dataset_folder(root):
+        return evaluate_zeroshot_dataset(encoder, root)
     if datasets is None:
         named = [(folder.resolve().name, folder) for folder in find_datasets(root)]
     else:
@@ -225,6 +228,7 @@ def evaluate_zeroshot(encoder: Encoder, root: str | Path, datasets: list[str] | 
             raise ValueError(f"dataset folder {folder} is named 'average', which the summary keys use: rename it")
         scores = evaluate_zeroshot_dataset(encoder, require(folder, f"zero-shot dataset {name!r}"), name=name)
         results.update({f"{name}/{metric}": value for metric, value in scores.items()})
-    for metric in METRICS:
-        results[f"average/{metric}"] = sum(results[f"{name}/{metric}"] for name, _ in named) / len(named)
+    if len(named) > 1:
+        for metric in METRICS:
+            results[f"average/{metric}"] = sum(results[f"{name}/{metric}"] for name, _ in named) / len(named)
     return results

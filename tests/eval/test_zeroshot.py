@@ -102,8 +102,7 @@ def test_imbalanced_metrics_from_folder_names(tmp_path):
     enc = FakeEncoder(_one_hot_by_name(NAMES), COLOUR_VECS)
     result = evaluate_zeroshot(enc, tmp_path)
     _close(result, EXPECTED, "toyset/")
-    _close(result, EXPECTED, "average/")
-    assert set(result) == {f"{d}/{m}" for d in ("toyset", "average") for m in EXPECTED}
+    assert set(result) == {f"toyset/{m}" for m in EXPECTED}  # one dataset: no average keys
     # class names from folder names ('_' → ' '), prompts from the generic fallback (unknown dataset name)
     assert set(enc.prompts) == {t.format(n) for n in NAMES for t in GENERIC}
 
@@ -111,7 +110,7 @@ def test_imbalanced_metrics_from_folder_names(tmp_path):
 def test_single_dataset_folder_and_unprefixed_form(tmp_path):
     _write_toyset(tmp_path / "toyset")
     enc = FakeEncoder(_one_hot_by_name(NAMES), COLOUR_VECS)
-    _close(evaluate_zeroshot(enc, tmp_path / "toyset"), EXPECTED, "toyset/")  # root is itself the dataset
+    _close(evaluate_zeroshot(enc, tmp_path / "toyset"), EXPECTED)  # root is itself the dataset: bare keys
     _close(evaluate_zeroshot_dataset(enc, tmp_path / "toyset"), EXPECTED)
 
 
@@ -136,7 +135,7 @@ def test_average_over_datasets(tmp_path):
     assert math.isclose(result["average/acc1"], (60.0 + 100.0) / 2)
     assert math.isclose(result["average/mean_per_class_recall"], (100 * 2.75 / 6 + 100.0) / 2, abs_tol=1e-4)
     only = evaluate_zeroshot(enc, tmp_path, datasets=["easy"])
-    assert set(only) == {f"{d}/{m}" for d in ("easy", "average") for m in EXPECTED}
+    assert set(only) == {f"easy/{m}" for m in EXPECTED}  # one dataset: no average keys
 
 
 def test_prompt_ensemble_is_averaged_and_renormalised(tmp_path):
@@ -180,13 +179,12 @@ def test_synthetic_split_with_classes_json(tmp_path):
 
     right = FakeEncoder(text_fn, folder_fn=lambda f: one_hot(index[by_folder[f]]))
     result = evaluate_zeroshot(right, tmp_path / "zeroshot")
-    assert result["zeroshot/acc1"] == 100.0 and result["zeroshot/mean_per_class_recall"] == 100.0
-    assert result["average/acc1"] == 100.0
+    assert result["acc1"] == 100.0 and result["mean_per_class_recall"] == 100.0
     assert set(right.prompts) == {t.format(c) for c in classes for t in meta["templates"]}
     # Each image embedded as the NEXT class: its true class scores 0 like all but one other → rank C-1 → 0 %.
     wrong = FakeEncoder(text_fn, folder_fn=lambda f: one_hot((index[by_folder[f]] + 1) % len(classes)))
     result = evaluate_zeroshot(wrong, tmp_path / "zeroshot")
-    assert result["zeroshot/acc1"] == 0.0 and result["zeroshot/acc5"] == 0.0
+    assert result["acc1"] == 0.0 and result["acc5"] == 0.0
 
 
 def test_classnames_txt_and_registry_templates(tmp_path):
