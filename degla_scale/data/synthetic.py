@@ -137,8 +137,8 @@ LEXICON = Lexicon(colours=tuple(COLOURS), sizes=tuple(SIZES), counts=(), objects
 
 def hard_negatives(seed: int, record_id: str, caption: str, num_negatives: int) -> tuple[list[str], list[str]]:
     """K negatives of distinct applicable types (repeating types only when K exceeds them) → (texts, types)."""
-    accepted, rejected, _ = negatives_for(RuleBackend(seed, LEXICON), record_id, caption, num_negatives,
-                                          NEGATIVE_TYPES, seed, rounds=8)
+    accepted, _, _ = negatives_for(RuleBackend(seed, LEXICON), record_id, caption, num_negatives,
+                                   NEGATIVE_TYPES, seed, rounds=8)
     if len(accepted) < num_negatives:
         raise ValueError(f"the rule backend made {len(accepted)} of {num_negatives} negatives for {caption!r}: "
                          "lower num_negatives")

@@ -89,4 +89,4 @@ def test_image_ref_crops_to_its_box(tmp_path):
     image.paste((255, 0, 0), (6, 2, 9, 5))
     image.save(tmp_path / "x.png")
     crop = ImageRef(tmp_path / "x.png", box=(6, 2, 3, 3)).load()
-    assert crop.size == (3, 3) and set(crop.getdata()) == {(255, 0, 0)}
+    assert crop.size == (3, 3) and crop.getcolors() == [(9, (255, 0, 0))]
