@@ -8,7 +8,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from test_trainer import launch_two_ranks
+from test_trainer import launch_two_ranks, overrides
 
 import degla_scale.models  # noqa: F401  registers the "degla-tiny" architecture with open_clip
 
@@ -37,8 +37,15 @@ def reference(state_file):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 3])
 def test_export_round_trip(tmp_path, shards, stage):
+    """ZeRO-0 on one process (its checkpoint is the module itself), ZeRO-3 on 2 ranks (partitioned)."""
     run = tmp_path / "run"
-    launch_two_ranks(shards, run, 29561 + stage, f"zero.stage={stage}", "checkpoint.every=2", steps=4)
+    if stage == 3:
+        launch_two_ranks(shards, run, 29563, "zero.stage=3", "checkpoint.every=1", steps=2)
+    else:
+        done = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/tiny.yaml"),
+                               *overrides(shards, run, steps=2), "zero.stage=0", "checkpoint.every=1"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
     for which in ("student", "teacher"):
         out = tmp_path / f"{which}.safetensors"
         done = export(run, out, "--which", which)
@@ -48,18 +55,18 @@ def test_export_round_trip(tmp_path, shards, stage):
         for got, want in zip(embeddings(clip), reference(run / f"final/{which}.pt")):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
-    early = tmp_path / "step2.safetensors"
-    assert export(run / "checkpoints/step00000002", early).returncode == 0
+    early = tmp_path / "step1.safetensors"
+    assert export(run / "checkpoints/step00000001", early).returncode == 0
     moved = open_clip.create_model("degla-tiny", pretrained=str(early))
     assert not torch.equal(embeddings(moved)[0], reference(run / "final/student.pt")[0]), "training must move the weights"
 
 
 def test_export_refuses_what_it_cannot_read(tmp_path):
+    from degla_scale.export import ExportError, export_safetensors
+
     (tmp_path / "empty").mkdir()
-    done = export(tmp_path / "empty", tmp_path / "x.safetensors")
+    done = export(tmp_path / "empty", tmp_path / "x.safetensors")  # the CLI: exit 2, one line
     assert done.returncode == 2 and "holds no DeepSpeed checkpoint" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
-    state = {"w": torch.ones(2)}
-    torch.save(state, tmp_path / "student.pt")
-    done = export(tmp_path / "student.pt", tmp_path / "x.pt")
-    assert done.returncode == 2 and "rename it" in done.stderr
+    with pytest.raises(ExportError, match="rename it"):
+        export_safetensors({"w": torch.ones(2)}, tmp_path / "x.pt")

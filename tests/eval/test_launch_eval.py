@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import open_clip
+import pytest
 import torch
 
 import degla_scale.models  # noqa: F401  registers "degla-tiny"
@@ -49,7 +50,13 @@ def test_models_side_by_side(tmp_path):
 
 
 def test_bad_model_spec_is_one_line(tmp_path):
-    done = run_eval("--out", tmp_path, "--model", f"x={tmp_path / 'missing.pt'}")
+    from degla_scale.eval.models import ModelSpec
+
+    with pytest.raises(ValueError, match="missing.pt does not exist"):
+        ModelSpec.parse(f"x={tmp_path / 'missing.pt'}")
+    with pytest.raises(ValueError, match="must be student or teacher"):
+        ModelSpec.parse(f"x={tmp_path}#ema")
+    assert ModelSpec.parse(f"{tmp_path}#teacher") == ModelSpec(f"{tmp_path}#teacher", str(tmp_path), "teacher")
+    assert ModelSpec.parse("base=openclip:ViT-B-32/openai") == ModelSpec("base", "openclip:ViT-B-32/openai")
+    done = run_eval("--out", tmp_path, "--model", f"x={tmp_path / 'missing.pt'}")  # the CLI: exit 2, one line
     assert done.returncode == 2 and "missing.pt does not exist" in done.stderr
-    done = run_eval("--out", tmp_path, "--model", f"x={tmp_path}#ema")
-    assert done.returncode == 2 and "must be student or teacher" in done.stderr
