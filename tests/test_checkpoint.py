@@ -16,6 +16,7 @@ import torch
 from degla_scale.checkpoint import Layout, ResumePoint, prepare
 from degla_scale.config import ConfigError
 from degla_scale.data.reader import DataPosition, reshard_position
+from test_export import check_round_trip
 from test_trainer import launch_two_ranks, overrides, records, steps_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +53,8 @@ def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path, shards, stage):
     common = [f"zero.stage={stage}", "checkpoint.every=4"]
     reference = tmp_path / "two"
     curve = launch_two_ranks(shards, reference, 29541, *common, steps=8)  # 8 steps, batch 8 on each of 2 ranks
+    if stage == 3:  # the export round trip on a partitioned 2-rank checkpoint (tests/test_export.py)
+        check_round_trip(reference, tmp_path, early_tag="step00000004")
     tag = "step00000004"
     probe = tmp_path / "probe.py"
     probe.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n" + PROBE)
