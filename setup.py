@@ -19,6 +19,7 @@ install_requires = [
     "tqdm",
     "pillow",
     "numpy",
+    "safetensors",  # launch/export.py writes, open_clip reads
     "openai>=1.40",  # make_negatives: the client for OpenAI-compatible chat endpoints (vLLM, llama.cpp, hosted)
 ]
 if sys.platform.startswith("linux"):
