@@ -49,6 +49,6 @@ def load_encoder(spec: ModelSpec, default: ModelConfig, batch_size: int, device)
         clip = open_clip.create_model(cfg.name, pretrained=spec.source)
     else:
         clip = build_clip(ModelConfig(cfg.name), load_weights=False)
-        state = checkpoint_state_dict(spec.source, spec.which)
-        clip.load_state_dict({k: v.reshape(clip.state_dict()[k].shape) for k, v in state.items()})
+        state, shapes = checkpoint_state_dict(spec.source, spec.which), clip.state_dict()
+        clip.load_state_dict({k: v.reshape(shapes[k].shape) for k, v in state.items()})  # 1-dim logit_scale
     return ModelEncoder(clip, image_transform(cfg), tokenizer(cfg), batch_size, device)
