@@ -10,9 +10,11 @@ Shape legend (per rank unless said otherwise):
     txt_ND   [N, D]     student caption embeddings
     t_img_BD, t_txt_ND  the teacher's embeddings of the same inputs (no gradient)
 
-Every term is a mean over this rank's rows except distillation (a sum over them). With W ranks the
-global term uses features all-gathered *with gradient*, so after the usual gradient averaging across
-ranks the optimizer sees exactly the one-process gradient of the whole batch.
+Every term is a mean over this rank's rows except distillation (a sum). With W ranks the global term
+uses features all-gathered *with gradient*, and each rank's distillation sum is scaled by W, so after the
+usual gradient averaging across ranks the optimizer sees exactly the one-process gradient of the whole
+batch, distillation included (its whole-batch sum, as the official code weighs it). The reported
+`distill` is that scaled share, so its mean over ranks is the whole batch's sum.
 
 Two implementations share this interface: eager PyTorch here (explicit [b, B(1+K)] logits) and the
 fused Triton kernels of `kernels.clip_loss` / `kernels.grounded_loss` (`backend="triton"`; the
@@ -140,6 +142,7 @@ def degla_loss(
         t_img_BD, t_txt_ND = t_img_BD.detach().to(dtype), t_txt_ND.detach().to(dtype)
 
     clip = global_contrastive_loss(img_BD, pos_BD, neg_BKD, scale, group)
+    world = _rank_world(group)[1]
     # With K = 0 the grouped terms are a softmax over one logit: exactly 0, so skip them too.
     igc = grouped_contrastive_loss(img_BD, pos_BD, neg_BKD, scale) if igc_weight != 0 and K > 0 else zero
     if tgc_weight != 0 and K > 0:
@@ -148,7 +151,8 @@ def degla_loss(
         tgc = grouped_contrastive_loss(pos_BD, t_txt_ND[:b], tgc_neg_BKD, tgc_scale)
     else:
         tgc = zero
-    distill = distill_loss(img_BD, txt_ND, t_img_BD, t_txt_ND) if distill_weight != 0 else zero
+    # × W: after gradient averaging, the whole batch's sum (DESIGN.md §2)
+    distill = world * distill_loss(img_BD, txt_ND, t_img_BD, t_txt_ND) if distill_weight != 0 else zero
     total = clip + igc_weight * igc + tgc_weight * tgc + distill_weight * distill
     return DeGLALoss(total=total, clip=clip, igc=igc, tgc=tgc, distill=distill)
 
@@ -179,9 +183,10 @@ def _degla_loss_triton(img_BD, txt_ND, scale, t_img_BD, t_txt_ND, K, igc_weight,
     if igc_weight == tgc_weight == distill_weight == 0:
         zero = clip.new_zeros(())
         return DeGLALoss(total=clip, clip=clip, igc=zero, tgc=zero, distill=zero)
+    # The kernel weighs this rank's distillation sum by w·W (whole-batch sum after averaging, DESIGN.md §2).
     grounded, igc, tgc, distill = grounded_loss(img_BD, txt_ND, scale, t_img_BD, t_txt_ND, K, igc_weight, tgc_weight,
-                                                distill_weight, tgc_scale)
-    return DeGLALoss(total=clip + grounded, clip=clip, igc=igc, tgc=tgc, distill=distill)
+                                                distill_weight * world, tgc_scale)
+    return DeGLALoss(total=clip + grounded, clip=clip, igc=igc, tgc=tgc, distill=world * distill)
 
 
 def _rank_world(group: dist.ProcessGroup | None) -> tuple[int, int]:

@@ -87,7 +87,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path, shards, stage):
     for step, r in resumed.items():
         assert r["lr"] == pytest.approx(curve[step]["lr"], rel=1e-12), step  # the schedule carries on
         # Other samples (the 1-rank stream), so the same curve only up to sampling noise; the contrastive
-        # term over the same global batch of 16 is comparable, the distillation sum scales with the rank's rows.
+        # term over the same global batch of 16 is comparable.
         assert r["loss.clip"] == pytest.approx(curve[step]["loss.clip"], rel=0.1), step
 
 
@@ -100,10 +100,10 @@ def test_resume_with_another_global_batch_is_refused(tmp_path):
 
 
 def test_reshard_position_keeps_the_step_and_the_reject_counts():
-    saved = [DataPosition(1, 6, [20, 21], {"corrupt_image": 1}), DataPosition(1, 6, [22, 19], {"corrupt_image": 2, "empty_caption": 1})]
+    saved = [DataPosition(1, 6, [20, 21], {"unreadable_image": 1}), DataPosition(1, 6, [22, 19], {"unreadable_image": 2, "empty_caption": 1})]
     # 3 optimizer steps of 2 micro-batches each on 2 ranks → 3 steps of 1 micro-batch of 32 on 2 workers of 1 rank
     mine = [reshard_position(saved, saved_accum=2, accum=1, num_workers=2, batch_size=32, rank=r) for r in range(2)]
-    assert mine[0] == DataPosition(1, 3, [64, 32], {"corrupt_image": 3, "empty_caption": 1})
+    assert mine[0] == DataPosition(1, 3, [64, 32], {"unreadable_image": 3, "empty_caption": 1})
     assert mine[1].rejected == {} and mine[1].batches == 3
     with pytest.raises(ValueError, match="disagree"):
         reshard_position([saved[0], DataPosition(2, 6, [1, 1], {})], 2, 1, 2, 32, 0)
