@@ -60,7 +60,11 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     """Several shard sources mixed by weight ([{path: DIR, weight: W}, ...]); empty: train_shards alone."""
     num_negatives: int = 4
-    """K hard negatives per sample used by the loss; 0 = plain CLIP. Must be 0 or the K stored in the shards."""
+    """K hard negatives per sample used by the loss; 0 = plain CLIP. At most the fewest negatives a sample
+    in the shards holds (their manifest's min_negatives)."""
+    negatives_pick: str = "first"
+    """Which K of a sample's stored negatives a batch uses: first (the first K, as the official DeGLA loader
+    does) or random (K drawn per sample and epoch from the seed; a resumed run draws the same)."""
     batch_size: int = 32
     """Micro-batch of images per rank (each brings 1+K captions)."""
     num_workers: int = 2
@@ -76,6 +80,7 @@ class DataConfig:
     def __post_init__(self):
         _check(self.num_negatives >= 0, f"data.num_negatives={self.num_negatives} is negative: use 0 (plain CLIP) or K > 0")
         _check(self.format in ("wds", "mds"), f"data.format={self.format!r} must be wds or mds")
+        _check(self.negatives_pick in ("first", "random"), f"data.negatives_pick={self.negatives_pick!r} must be first or random")
         self.sources = [SourceConfig(**s) if isinstance(s, dict) else s for s in self.sources]
         paths = [s.path for s in self.sources]
         _check(len(set(paths)) == len(paths), f"data.sources lists {paths}: give each path once (raise its weight instead)")

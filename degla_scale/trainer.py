@@ -49,14 +49,17 @@ def check_data(cfg: Config) -> int:
                 raise ConfigError(f"data.sources remote {source.remote}: set data.num_samples (the samples per epoch)")
             continue
         manifest = read_manifest(source.path) or {}
+        # The fewest negatives a sample holds (the reader picks K of a sample's negatives); without a
+        # manifest (shards made elsewhere), the first sample's count.
         if cfg.data.format == "mds":
-            data_k, count = mds_stats(source.path)
+            first_k, count = mds_stats(source.path)
             manifest.setdefault("num_samples", count)
         else:
-            data_k = manifest["num_negatives"] if "num_negatives" in manifest else peek_num_negatives(list_shards(source.path))
-        if k not in (0, data_k):
-            raise ConfigError(f"data.num_negatives={k} but the shards in {source.path} hold {data_k} "
-                              f"negatives per sample: set data.num_negatives={data_k} (or 0 for plain CLIP)")
+            first_k = None if "num_negatives" in manifest else peek_num_negatives(list_shards(source.path))
+        data_k = manifest.get("min_negatives", manifest.get("num_negatives", first_k))
+        if k > data_k:
+            raise ConfigError(f"data.num_negatives={k} but the shards in {source.path} hold as few as {data_k} "
+                              f"negatives per sample: set data.num_negatives to at most {data_k} (or 0 for plain CLIP)")
         if not cfg.data.num_samples and not manifest.get("num_samples"):
             raise ConfigError(f"no manifest.json beside {source.path}: set data.num_samples to the number of samples")
         total += manifest.get("num_samples", 0)
@@ -68,7 +71,8 @@ def build_reader(cfg: Config, rank: int, world: int) -> ShardReader | MDSReader:
     d = cfg.data
     paths, weights = [s.path for s in d.source_list()], [s.weight for s in d.source_list()]
     common = dict(batch_size=d.batch_size, num_negatives=d.num_negatives, num_workers=d.num_workers, seed=cfg.seed,
-                  transform=image_transform(cfg.model), tokenize=tokenizer(cfg.model), weights=weights)
+                  transform=image_transform(cfg.model), tokenize=tokenizer(cfg.model), weights=weights,
+                  negatives_pick=d.negatives_pick)
     if d.format == "mds":
         return MDSReader(paths, remotes=[s.remote for s in d.source_list()], **common)
     return ShardReader([list_shards(p) for p in paths], shuffle_buffer=d.shuffle_buffer, rank=rank, world=world, **common)

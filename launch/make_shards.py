@@ -5,9 +5,10 @@
     python launch/make_shards.py --from jsonl FILE [--image-root DIR] [--negatives FILE.jsonl] --out DIR
     python launch/make_shards.py --from wds URLS --negatives FILE.jsonl --out DIR
 
-Converted records are validated (missing or unreadable image, not K negatives, empty caption, a negative
-equal to the positive); bad ones go to OUT/rejects.jsonl with the reason, and the run ends with counts.
-An interrupted conversion resumes from OUT/progress.json.
+Converted records are validated (missing or unreadable image, fewer than K negatives, empty caption or
+negative, a negative equal to the positive); bad ones go to OUT/rejects.jsonl with the reason, and the run
+ends with counts. A good record keeps every negative it has (K or more); training picks K of them
+(data.negatives_pick). An interrupted conversion resumes from OUT/progress.json.
 
 `synthetic` writes pretrain/ and finetune/ shards (webdataset or MDS, with manifest.json), SugarCrepe-format
 evaluation files and a zero-shot split (see degla_scale/data/synthetic.py).
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--format", default="wds", choices=["wds", "mds"], help="webdataset tar or mosaicml-streaming MDS shards")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-negatives", type=int, default=4, help="K hard negatives per fine-tuning sample")
+    parser.add_argument("--num-negatives", type=int, default=4, help="K: the fewest negatives a record must have (synthetic: exactly K per sample)")
     parser.add_argument("--pretrain-samples", type=int, default=24000)
     parser.add_argument("--finetune-samples", type=int, default=8000)
     parser.add_argument("--eval-per-type", type=int, default=500)

@@ -49,6 +49,7 @@ BAD_CASES = {
     "optimizer offload at stage 0": ("", ["zero.offload_optimizer=cpu"], "zero.offload_optimizer=cpu"),
     "teacher offload at stage 0": ("", ["teacher.offload=cpu"], "teacher.offload=cpu"),
     "not key=value": ("", ["--lr"], "'--lr'"),
+    "unknown negatives pick": ("", ["data.negatives_pick=last"], "data.negatives_pick='last'"),
 }
 
 
@@ -84,7 +85,7 @@ def k4_shards(tmp_path_factory):
     ("unknown key", ["optim.lrr=1"], "optim.lrr"),
     ("wrong type", ["schedule.epochs=two"], "schedule.epochs"),
     ("missing file", None, "not found"),
-    ("K mismatch", ["data.num_negatives=3"], "data.num_negatives=3"),
+    ("K above the data's", ["data.num_negatives=5"], "data.num_negatives=5"),
 ])
 def test_launcher_exit_code_2(tmp_path, k4_shards, case, args, named):
     config = str(ROOT / "configs/tiny.yaml") if args is not None else str(tmp_path / "missing.yaml")
@@ -94,3 +95,27 @@ def test_launcher_exit_code_2(tmp_path, k4_shards, case, args, named):
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and lines[0].startswith("config error:") and named in lines[0], result.stderr
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_check_data_takes_k_up_to_the_fewest_negatives_a_sample_holds(tmp_path):
+    """Converted shards hold 4, 5 or 7 negatives per sample (manifest: min_negatives 4): any K ≤ 4 trains,
+    K = 5 is refused in one line naming the limit."""
+    import json
+
+    from degla_scale.data.convert import convert, read_jsonl
+    from degla_scale.trainer import check_data
+    from PIL import Image
+
+    lines = []
+    for i, n in enumerate([4, 5, 7, 5]):
+        Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(tmp_path / f"{i}.jpg")
+        lines.append({"id": f"s{i}", "image": f"{i}.jpg", "caption": f"caption {i}", "negatives": [f"n{i} {k}" for k in range(n)]})
+    (tmp_path / "data.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    convert(read_jsonl(tmp_path / "data.jsonl", None), tmp_path / "shards", "wds", 4, 2, 1, progress=False)
+    for k in (1, 2, 4):
+        assert check_data(load_config(ROOT / "configs/tiny.yaml", [f"data.train_shards={tmp_path / 'shards'}",
+                                                                    f"data.num_negatives={k}"])) == 4
+    with pytest.raises(ConfigError) as info:
+        check_data(load_config(ROOT / "configs/tiny.yaml", [f"data.train_shards={tmp_path / 'shards'}",
+                                                             "data.num_negatives=5"]))
+    assert "\n" not in str(info.value) and "as few as 4" in str(info.value) and "at most 4" in str(info.value)

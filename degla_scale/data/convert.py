@@ -1,9 +1,13 @@
-"""Convert (image, caption, K negatives) records into webdataset or MDS shards, validating every record.
+"""Convert (image, caption, K or more negatives) records into webdataset or MDS shards, validating every record.
 
 Sources (`read_*` below) yield `Raw` records; `convert()` cuts them into shard-sized chunks, validates and
 writes each chunk in a worker process, and keeps a `progress.json` of finished shards so an interrupted
 run resumes where it stopped. Bad records are never dropped silently: each goes to `rejects.jsonl` with
-its id and reason, and the report counts them by reason.
+its id, reason (one of `samples.REASONS`) and detail, and the report counts them by reason.
+
+A record keeps every negative it has (at least K): the released DeGLA lists hold more than the K = 4 the
+paper trains with, and the reader picks K of them (`data.negatives_pick`). The manifest records the
+fewest negatives any sample holds, which is the largest K the shards can train with.
 """
 from __future__ import annotations
 
@@ -16,19 +20,24 @@ from pathlib import Path
 from typing import Iterator
 
 from degla_scale.data.reader import DataError
-
-REASONS = ("missing_image", "unreadable_image", "wrong_negatives", "empty_caption", "negative_equals_positive")
+from degla_scale.data.samples import REASONS, Rejected, check_texts, decode_rgb
 
 
 @dataclass
 class Raw:
-    """One input record before validation; `image` is a path or the JPEG bytes."""
+    """One input record before validation; `image` is a path, the JPEG bytes, or None (the sample has none). `malformed` says what is wrong
+    when the source record lacks a field its format needs (it is then rejected as malformed_record)."""
 
     id: str
-    image: Path | bytes
+    image: Path | bytes | None
     caption: str
     negatives: list[str]
     types: list[str] = field(default_factory=list)
+    malformed: str = ""
+
+
+def _malformed(record_id: str, detail: str) -> Raw:
+    return Raw(record_id, b"", "", [], malformed=detail)
 
 
 # ---------------------------------------------------------------- sources
@@ -41,11 +50,20 @@ def coco_image(root: Path, image_id: int) -> Path:
 
 
 def read_degla_json(path: Path, image_root: Path) -> Iterator[Raw]:
-    """The released DeGLA format: a JSON list of {image_id, original, enhanced: [negatives]}."""
+    """The released DeGLA format: a JSON list of {image_id, original, enhanced: [negatives]} (the official
+    loader, `COM_COCO`, reads `enhanced[0..3]`; the lists may hold more). An optional `types` list, parallel
+    to `enhanced`, is kept."""
     records = json.loads(Path(path).read_text())
+    if not isinstance(records, list):
+        raise DataError(f"{path}: a DeGLA-format file is a JSON list of records, not a {type(records).__name__}")
     for i, r in enumerate(records):
-        yield Raw(f"{int(r['image_id']):012d}_{i}", coco_image(image_root, r["image_id"]), r.get("original") or "",
-                  list(r.get("enhanced") or []))
+        try:
+            image_id = int(r["image_id"])
+        except (KeyError, TypeError, ValueError):
+            yield _malformed(f"record_{i}", "needs an integer image_id")
+            continue
+        yield Raw(f"{image_id:012d}_{i}", coco_image(image_root, image_id), r.get("original") or "",
+                  r.get("enhanced") or [], r.get("types") or [])
 
 
 def read_jsonl(path: Path, image_root: Path | None, negatives: dict | None = None) -> Iterator[Raw]:
@@ -56,22 +74,30 @@ def read_jsonl(path: Path, image_root: Path | None, negatives: dict | None = Non
         for i, line in enumerate(f):
             if not line.strip():
                 continue
-            r = json.loads(line)
+            try:
+                r = json.loads(line)
+                image = root / r["image"]
+            except (ValueError, KeyError, TypeError):
+                yield _malformed(f"line_{i + 1}", "needs a JSON object with an image path")
+                continue
             rid = str(r.get("id", i)).replace(".", "_")
             negs, types = r.get("negatives") or [], r.get("types") or []
             if negatives is not None and rid in negatives:
                 negs, types = negatives[rid]
-            yield Raw(rid, root / r["image"], r.get("caption") or "", list(negs), list(types))
+            yield Raw(rid, image, r.get("caption") or "", negs, types)
 
 
 def read_side_negatives(path: Path) -> dict[str, tuple[list[str], list[str]]]:
     """A negatives side file: one {id (or key), negatives[, types]} per line."""
     table = {}
     with open(path) as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if line.strip():
-                r = json.loads(line)
-                table[str(r.get("id", r.get("key")))] = (list(r.get("negatives") or []), list(r.get("types") or []))
+                try:
+                    r = json.loads(line)
+                    table[str(r.get("id", r.get("key")))] = (r.get("negatives") or [], r.get("types") or [])
+                except (ValueError, AttributeError):
+                    raise DataError(f"{path}:{number} is not a JSON object {{id, negatives[, types]}}: fix that line") from None
     return table
 
 
@@ -84,54 +110,53 @@ def read_wds(urls: str, negatives: dict) -> Iterator[Raw]:
     for sample in wds.DataPipeline(wds.SimpleShardList(list_shards(urls)), wds.tarfile_to_samples()):
         key = sample["__key__"]
         negs, types = negatives.get(key, ([], []))
-        yield Raw(key, sample.get("jpg", b""), sample.get("txt", b"").decode("utf-8"), negs, types)
+        yield Raw(key, sample.get("jpg"), sample.get("txt", b"").decode("utf-8", errors="replace"), negs, types)
 
 
 # ---------------------------------------------------------------- validation and writing
 
 
-def validate(raw: Raw, num_negatives: int) -> tuple[dict | None, str | None]:
-    """→ (the shard record, None) or (None, the reason it is rejected)."""
-    from PIL import Image
-
+def validate(raw: Raw, num_negatives: int) -> dict:
+    """→ the shard record, with every negative the source gave; raises `Rejected`."""
+    if raw.malformed:
+        raise Rejected("malformed_record", raw.malformed)
+    if raw.image is None:
+        raise Rejected("missing_image", "the sample has no jpg")
     if isinstance(raw.image, Path):
         if not raw.image.is_file():
-            return None, "missing_image"
+            raise Rejected("missing_image", str(raw.image))
         data = raw.image.read_bytes()
     else:
         data = raw.image
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.convert("RGB")  # decodes every pixel: a truncated file fails here
-            is_jpeg = im.format == "JPEG"
-    except Exception:
-        return None, "unreadable_image"
-    caption = raw.caption.strip()
-    if not caption:
-        return None, "empty_caption"
-    if len(raw.negatives) != num_negatives:
-        return None, "wrong_negatives"
-    if any(n.strip().lower() == caption.lower() for n in raw.negatives):
-        return None, "negative_equals_positive"
+    from PIL import Image
+
+    rgb = decode_rgb(data)
+    caption = check_texts(raw.caption, raw.negatives, num_negatives)
+    with Image.open(io.BytesIO(data)) as im:
+        is_jpeg = im.format == "JPEG"
     if not is_jpeg:  # shards hold JPEG: re-encode PNGs and the like once, here
         buf = io.BytesIO()
-        with Image.open(io.BytesIO(data)) as im:
-            im.convert("RGB").save(buf, format="JPEG", quality=95)
+        rgb.save(buf, format="JPEG", quality=95)
         data = buf.getvalue()
-    return {"key": raw.id, "jpg": data, "caption": caption, "negatives": raw.negatives, "types": raw.types}, None
+    known = isinstance(raw.types, list) and len(raw.types) == len(raw.negatives)
+    types = [str(t) for t in raw.types] if known else []  # a type per negative, or none
+    return {"key": raw.id, "jpg": data, "caption": caption, "negatives": list(raw.negatives), "types": types}
 
 
 def _write_chunk(job: tuple) -> dict:
-    """Validate one chunk and write it as one shard; → {shard, written, rejects: [(id, reason)]}."""
+    """Validate one chunk and write it as one shard; → {shard, written, rejects: [(id, reason, detail)],
+    images, negatives: {count: records}}."""
     out_dir, name, fmt, chunk, num_negatives = job
-    good, rejects, images = [], [], set()
+    good, rejects, images, counts = [], [], set(), Counter()
     for raw in chunk:
-        record, reason = validate(raw, num_negatives)
-        if record is None:
-            rejects.append((raw.id, reason))
-        else:
-            good.append(record)
-            images.add(str(raw.image) if isinstance(raw.image, Path) else raw.id)
+        try:
+            record = validate(raw, num_negatives)
+        except Rejected as exc:
+            rejects.append((raw.id, exc.reason, exc.detail))
+            continue
+        good.append(record)
+        counts[len(record["negatives"])] += 1
+        images.add(str(raw.image) if isinstance(raw.image, Path) else raw.id)
     target = out_dir / name
     if fmt == "mds":
         import shutil
@@ -144,7 +169,8 @@ def _write_chunk(job: tuple) -> dict:
         from degla_scale.data.reader import write_wds
 
         write_wds(target, good)
-    return {"shard": name, "written": len(good), "rejects": rejects, "images": sorted(images)}
+    return {"shard": name, "written": len(good), "rejects": rejects, "images": sorted(images),
+            "negatives": {str(n): c for n, c in sorted(counts.items())}}  # str keys: it round-trips through JSON
 
 
 def _chunks(records: Iterator[Raw], size: int) -> Iterator[list[Raw]]:
@@ -187,20 +213,27 @@ def convert(records: Iterator[Raw], out_dir: Path, fmt: str, num_negatives: int,
     bar.close()
 
     shards = sorted(done.values(), key=lambda d: d["shard"])
-    rejects = [(rid, reason) for d in shards for rid, reason in d["rejects"]]
+    rejects = [reject for d in shards for reject in d["rejects"]]
     with open(out_dir / "rejects.jsonl", "w") as f:
-        for rid, reason in rejects:
-            f.write(json.dumps({"id": rid, "reason": reason}) + "\n")
+        for rid, reason, detail in rejects:
+            f.write(json.dumps({"id": rid, "reason": reason, "detail": detail}) + "\n")
     if fmt == "mds":
         from streaming.base.util import merge_index
 
         merge_index(str(out_dir), keep_local=True)
     written = sum(d["written"] for d in shards)
-    counts = Counter(reason for _, reason in rejects)
+    reasons = Counter(reason for _, reason, _ in rejects)
+    per_sample = sum((Counter({int(n): c for n, c in d["negatives"].items()}) for d in shards), Counter())
     distinct = len({image for d in shards for image in d["images"]})
     report = {"format": fmt, "num_samples": written, "num_negatives": num_negatives,
               "shards": [d["shard"] for d in shards], "read": written + len(rejects),
-              "rejected": {r: counts.get(r, 0) for r in REASONS}, "distinct_images": distinct,
+              "rejected": {r: reasons.get(r, 0) for r in REASONS},
+              # every negative is stored; the reader picks K of them, so K may be at most min_negatives
+              "min_negatives": min(per_sample, default=0), "max_negatives": max(per_sample, default=0),
+              "more_than_k": sum(c for n, c in per_sample.items() if n > num_negatives),
+              "negatives_stored": sum(n * c for n, c in per_sample.items()),
+              "negatives_per_sample": {str(n): per_sample[n] for n in sorted(per_sample)},
+              "distinct_images": distinct,
               # COCO has ~5 captions per image and one record per caption: each image is stored that often
               "records_per_image": round(written / max(distinct, 1), 2)}
     (out_dir / "manifest.json").write_text(json.dumps(report, indent=1))

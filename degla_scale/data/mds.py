@@ -17,7 +17,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from degla_scale.data.reader import Batch, DataError, DataPosition, decode_image_sample, reject_reason
+from degla_scale.data.reader import Batch, DataError, DataPosition, decode_image_sample
+from degla_scale.data.samples import Rejected, pick_negatives
 
 COLUMNS = {"key": "str", "jpg": "jpeg", "caption": "str", "negatives": "json", "types": "json"}
 
@@ -61,22 +62,27 @@ def _dataset_class():
     from streaming import StreamingDataset
 
     class DeGLAStreamingDataset(StreamingDataset):
-        """Decodes, checks and transforms each sample in the loader's workers; a bad sample comes back as
+        """Decodes, checks and transforms each sample in the loader's workers, and picks its K negatives for
+        `self.pick_epoch` (set before each epoch's workers start); a bad sample comes back as
         {"error": reason} so the collate step can count and replace it."""
 
-        def __init__(self, *, num_negatives: int, transform: Callable, **kwargs):
+        def __init__(self, *, num_negatives: int, transform: Callable, negatives_pick: str, pick_seed: int, **kwargs):
             super().__init__(**kwargs)
             self.num_negatives, self.transform = num_negatives, transform
+            self.negatives_pick, self.pick_seed, self.pick_epoch = negatives_pick, pick_seed, 0
 
         def get_item(self, idx: int, retry: int = 7):
             try:
                 sample = super().get_item(idx, retry)
+            except Exception:  # an undecodable jpeg column raises inside streaming
+                return {"error": "unreadable_image"}
+            try:
                 image, caption, negatives = decode_image_sample(sample["jpg"], sample["caption"],
                                                                 sample.get("negatives") or [], self.num_negatives)
-            except ValueError as exc:
-                return {"error": str(exc)}
-            except Exception as exc:  # an undecodable jpeg column raises inside streaming
-                return {"error": f"corrupt image ({type(exc).__name__})"}
+            except Rejected as exc:
+                return {"error": exc.reason}
+            negatives = pick_negatives(negatives, self.num_negatives, self.negatives_pick, self.pick_seed,
+                                       self.pick_epoch, sample["key"])
             return {"key": sample["key"], "image": self.transform(image), "caption": caption, "negatives": negatives}
 
     return DeGLAStreamingDataset
@@ -85,7 +91,7 @@ def _dataset_class():
 def _collate(tokenize: Callable):
     def collate(samples: list[dict]) -> Batch:
         good = [s for s in samples if "error" not in s]
-        rejected = Counter(reject_reason(s["error"]) for s in samples if "error" in s)
+        rejected = Counter(s["error"] for s in samples if "error" in s)
         if not good:
             raise DataError(f"a whole batch of {len(samples)} MDS samples is unreadable ({dict(rejected)}): "
                             "remake the shards with launch/make_shards.py")
@@ -115,7 +121,7 @@ class MDSReader:
 
     def __init__(self, path: str | list[str], *, batch_size: int, num_negatives: int, num_workers: int, seed: int,
                  transform: Callable, tokenize: Callable, weights: list[float] | None = None,
-                 remotes: list[str | None] | None = None):
+                 remotes: list[str | None] | None = None, negatives_pick: str = "first"):
         """`path`: one MDS folder, or several mixed by `weights` (streaming's Stream proportions); a source
         with a `remotes` entry is downloaded from there into its folder, a local cache."""
         from streaming import Stream
@@ -137,7 +143,8 @@ class MDSReader:
             where = {"streams": [Stream(local=p, remote=r, proportion=w / sum(weights))
                                  for p, r, w in zip(paths, remotes, weights)]}
         self.dataset = _dataset_class()(**where, batch_size=batch_size, shuffle=True, shuffle_seed=seed,
-                                        num_negatives=num_negatives, transform=transform)
+                                        num_negatives=num_negatives, transform=transform,
+                                        negatives_pick=negatives_pick, pick_seed=seed)
         self.loader = _BatchLoader(self.dataset, batch_size=batch_size, num_workers=num_workers,
                                    collate_fn=_collate(tokenize), drop_last=True,
                                    prefetch_factor=4 if num_workers else None, persistent_workers=False)
@@ -152,6 +159,7 @@ class MDSReader:
         elif position.epoch or position.batches:
             raise DataError(f"the checkpoint's data position (epoch {position.epoch}, batch {position.batches}) holds no "
                             "MDS state: was it written with data.format=wds? Resume with the same format")
+        self.dataset.pick_epoch = position.epoch  # the workers, started by the loop below, copy the dataset
         rejected = Counter(position.rejected)
         for batch in self.loader:
             rejected.update(batch.rejected)

@@ -13,7 +13,6 @@ Determinism is what makes resume exact and keeps ranks in step:
 from __future__ import annotations
 
 import glob
-import io
 import json
 import random
 from collections import Counter, deque
@@ -25,6 +24,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from degla_scale.data.samples import Rejected, check_texts, decode_rgb, pick_negatives
 
 
 class DataError(ValueError):
@@ -138,39 +139,29 @@ def _shuffled(samples, bufsize: int, rng: random.Random):
 
 
 def decode_sample(sample: dict, num_negatives: int) -> tuple[Image.Image, str, list[str]]:
-    """webdataset sample → (RGB image, positive, negatives); raises ValueError naming what is wrong."""
-    for key in ("jpg", "txt"):
-        if key not in sample:
-            raise ValueError(f"missing '{key}'")
-    negatives = json.loads(sample["json"]).get("negatives", []) if "json" in sample else []
+    """webdataset sample → (RGB image, positive, all its negatives); raises `Rejected`."""
+    if "jpg" not in sample:
+        raise Rejected("missing_image", "the sample has no jpg")
+    if "txt" not in sample:
+        raise Rejected("empty_caption", "the sample has no txt")
+    try:
+        negatives = json.loads(sample["json"]).get("negatives", []) if "json" in sample else []
+    except (ValueError, AttributeError):
+        raise Rejected("malformed_record", "its json is not an object") from None
     return decode_image_sample(sample["jpg"], sample["txt"].decode("utf-8"), negatives, num_negatives)
 
 
 def decode_image_sample(image: bytes | Image.Image, caption: str, negatives: list[str],
                         num_negatives: int) -> tuple[Image.Image, str, list[str]]:
-    """(JPEG bytes or opened image, caption, negatives) → (RGB image, positive, the K negatives used);
-    raises ValueError naming what is wrong. Shared by both shard formats."""
-    try:
-        with (Image.open(io.BytesIO(image)) if isinstance(image, bytes) else image) as im:
-            rgb = im.convert("RGB")  # some JPEGs (COCO) are grayscale
-    except Exception as exc:
-        raise ValueError(f"corrupt image ({type(exc).__name__})") from None
-    caption = caption.strip()
-    if not caption:
-        raise ValueError("empty caption")
-    if num_negatives and len(negatives) != num_negatives:
-        raise ValueError(f"{len(negatives)} negatives, expected {num_negatives}")
-    return rgb, caption, list(negatives[:num_negatives])
+    """(JPEG bytes or opened image, caption, negatives) → (RGB image, positive, all its negatives), checked as
+    the converter checks records; raises `Rejected`. Shared by both shard formats."""
+    rgb = decode_rgb(image)
+    return rgb, check_texts(caption, negatives, num_negatives), list(negatives)
 
 
-def reject_reason(message: str) -> str:
-    """A decode error message → the short reason counted in the logs."""
-    return ("corrupt_image" if message.startswith("corrupt") else "wrong_negatives" if "negatives" in message
-            else message.replace(" ", "_").strip("'"))
-
-
-def _batches(batch_size: int, num_negatives: int, transform: Callable, tokenize: Callable, skip: list[int]):
-    """Skip already-consumed raw samples, decode the rest, drop (and count) bad ones, batch."""
+def _batches(batch_size: int, num_negatives: int, pick: str, seed: int, epoch: int, transform: Callable,
+             tokenize: Callable, skip: list[int]):
+    """Skip already-consumed raw samples, decode the rest, drop (and count) bad ones, pick K negatives, batch."""
     def stage(samples):
         worker = _worker_id()
         to_skip = skip[worker] if worker < len(skip) else 0
@@ -182,12 +173,12 @@ def _batches(batch_size: int, num_negatives: int, transform: Callable, tokenize:
                 continue
             try:
                 image, caption, negs = decode_sample(sample, num_negatives)
-            except ValueError as exc:
-                rejected[reject_reason(str(exc))] += 1
+            except Rejected as exc:
+                rejected[exc.reason] += 1
                 continue
             images.append(transform(image))
             positives.append(caption)
-            negatives.extend(negs)
+            negatives.extend(pick_negatives(negs, num_negatives, pick, seed, epoch, sample["__key__"]))
             keys.append(sample["__key__"])
             if len(keys) == batch_size:
                 yield Batch(torch.stack(images), tokenize(positives + negatives), keys, worker, consumed, rejected)
@@ -240,11 +231,11 @@ class ShardReader:
 
     def __init__(self, shards: list[str] | list[list[str]], *, batch_size: int, num_negatives: int, num_workers: int,
                  shuffle_buffer: int, seed: int, rank: int, world: int, transform: Callable, tokenize: Callable,
-                 weights: list[float] | None = None):
+                 weights: list[float] | None = None, negatives_pick: str = "first"):
         """`shards`: one source's shard paths, or one list per source, mixed by `weights`."""
         self.sources = [shards] if shards and isinstance(shards[0], str) else shards
         self.weights = weights or [1.0] * len(self.sources)
-        self.batch_size, self.num_negatives = batch_size, num_negatives
+        self.batch_size, self.num_negatives, self.negatives_pick = batch_size, num_negatives, negatives_pick
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
         self.rank, self.world, self.transform, self.tokenize = rank, world, transform, tokenize
         slots = world * max(num_workers, 1)
@@ -264,7 +255,8 @@ class ShardReader:
         pipeline = wds.DataPipeline(
             MixedSamples(self.sources, self.weights, self.seed, position.epoch, self.rank, self.world,
                          self.shuffle_buffer),
-            _batches(self.batch_size, self.num_negatives, self.transform, self.tokenize, list(position.consumed)),
+            _batches(self.batch_size, self.num_negatives, self.negatives_pick, self.seed, position.epoch, self.transform,
+                     self.tokenize, list(position.consumed)),
         )
         loader = DataLoader(pipeline, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=4 if self.num_workers else None)

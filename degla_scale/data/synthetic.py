@@ -239,7 +239,7 @@ def _write_shard(job: tuple) -> int:
 def write_shards(out_dir: Path, split: str, seed: int, num_samples: int, num_negatives: int,
                  shard_size: int, workers: int = 2, fmt: str = "wds") -> dict:
     """Write `split` as webdataset (.tar) or MDS shards (one folder per job, merged index.json) plus a
-    manifest.json (format, sample count, K, shard names)."""
+    manifest.json (format, sample count, K and the fewest negatives a sample holds, shard names)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = []
     for shard, start in enumerate(range(0, num_samples, shard_size)):
@@ -258,6 +258,7 @@ def write_shards(out_dir: Path, split: str, seed: int, num_samples: int, num_neg
         "format": fmt,
         "num_samples": written,
         "num_negatives": num_negatives,
+        "min_negatives": num_negatives,  # every sample holds exactly K
         "negative_types": list(NEGATIVE_TYPES) if num_negatives else [],
         "shards": [job[0].name for job in jobs],
         "seed": seed,

@@ -9,6 +9,7 @@ import webdataset as wds
 from PIL import Image
 
 from degla_scale.data.reader import DataError, DataPosition, ShardReader, decode_sample, list_shards
+from degla_scale.data.samples import REASONS, Rejected
 
 K = 2
 
@@ -60,7 +61,7 @@ def test_bad_samples_skipped_and_counted(tmp_path):
     batches = take(reader(folder).epoch(position), 5)  # 20 good samples of the 21 the first pass holds
     keys = [k for b in batches for k in b.keys]
     assert not {"s0_1", "s2_3", "s3_0"} & set(keys)
-    assert position.rejected == {"corrupt_image": 2, "wrong_negatives": 1}
+    assert position.rejected == {"unreadable_image": 2, "too_few_negatives": 1}
     b = batches[0]
     assert b.images.shape == (4, 3, 4, 4) and b.tokens.shape == (4 * (1 + K), 1)
 
@@ -111,11 +112,74 @@ def test_too_few_shards_is_one_clear_error(tmp_path):
         reader(folder, world=2, workers=2)
 
 
-def test_decode_sample_errors():
-    with pytest.raises(ValueError, match="missing 'jpg'"):
-        decode_sample({"txt": b"x"}, 0)
-    with pytest.raises(ValueError, match="empty caption"):
-        decode_sample({"jpg": jpeg(0), "txt": b"  "}, 0)
+def test_decode_sample_rejects_with_the_fixed_reasons():
+    cases = [({"txt": b"x"}, 0, "missing_image"), ({"jpg": jpeg(0), "txt": b"  "}, 0, "empty_caption"),
+             ({"jpg": b"junk", "txt": b"x"}, 0, "unreadable_image"),
+             ({"jpg": jpeg(0), "txt": b"x", "json": b"[1]"}, 0, "malformed_record"),
+             ({"jpg": jpeg(0), "txt": b"x", "json": b'{"negatives": ["y"]}'}, 2, "too_few_negatives"),
+             ({"jpg": jpeg(0), "txt": b"x", "json": b'{"negatives": ["y", " X "]}'}, 2, "negative_equals_positive")]
+    for sample, k, reason in cases:
+        with pytest.raises(Rejected) as info:
+            decode_sample(sample, k)
+        assert info.value.reason == reason and reason in REASONS, sample
+
+
+def text_tokenize(texts):
+    """Each text as its UTF-8 bytes in a fixed-width row, so a test can read the batch's captions back."""
+    return torch.tensor([list(t.encode().ljust(24, b"\0")) for t in texts], dtype=torch.uint8)
+
+
+def texts_of(batch):
+    return [bytes(row.tolist()).rstrip(b"\0").decode() for row in batch.tokens]
+
+
+def write_varied_shards(folder, num_shards=4, per_shard=6):
+    """Samples holding K, K+1 or K+3 negatives ("n{key}/{k}"), as converted DeGLA records do."""
+    folder.mkdir(parents=True)
+    for s in range(num_shards):
+        with wds.TarWriter(str(folder / f"shard-{s:03d}.tar")) as sink:
+            for i in range(per_shard):
+                key = f"s{s}_{i}"
+                negatives = [f"n{key}/{k}" for k in range(K + (0, 1, 3)[i % 3])]
+                sink.write({"__key__": key, "jpg": jpeg(10 * i), "txt": f"c{key}", "json": {"negatives": negatives}})
+    return folder
+
+
+def picks(folder, pick, position, n, workers=0):
+    """The K negatives each sample of the next n batches got: {key: [negatives]}."""
+    r = ShardReader(list_shards(str(folder)), batch_size=3, num_negatives=K, num_workers=workers, shuffle_buffer=4,
+                    seed=7, rank=0, world=1, transform=transform, tokenize=text_tokenize, negatives_pick=pick)
+    out = {}
+    for batch in take(r.epoch(position), n):
+        texts = texts_of(batch)
+        for i, key in enumerate(batch.keys):
+            assert texts[i] == f"c{key}"
+            out[key] = texts[len(batch.keys) + i * K:len(batch.keys) + (i + 1) * K]
+    return out
+
+
+def test_negatives_pick_first_takes_the_first_k(tmp_path):
+    folder = write_varied_shards(tmp_path / "d")
+    got = picks(folder, "first", DataPosition(), 8)
+    assert len(got) == 24 and all(negs == [f"n{key}/{k}" for k in range(K)] for key, negs in got.items())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_negatives_pick_random_differs_by_epoch_and_resumes_exactly(tmp_path, workers):
+    folder = write_varied_shards(tmp_path / "d")
+    epoch0 = picks(folder, "random", DataPosition(epoch=0), 8, workers)
+    epoch1 = picks(folder, "random", DataPosition(epoch=1), 8, workers)
+    assert epoch0.keys() == epoch1.keys() and len(epoch0) == 24
+    for key, negs in epoch0.items():
+        held = K + (0, 1, 3)[int(key.split("_")[1]) % 3]
+        assert len(set(negs)) == K and set(negs) <= {f"n{key}/{k}" for k in range(held)}
+    varied = [key for key in epoch0 if int(key.split("_")[1]) % 3]
+    assert sum(epoch0[k] != epoch1[k] for k in varied) >= len(varied) // 2  # a draw of K of 3 or 5, in order
+    assert any(epoch0[k] != [f"n{k}/{i}" for i in range(K)] for k in varied)  # not simply the first K
+    position = DataPosition(epoch=1)
+    first = picks(folder, "random", position, 3, workers)
+    rest = picks(folder, "random", DataPosition.from_json(json.loads(json.dumps(position.to_json()))), 5, workers)
+    assert {**first, **rest} == epoch1 and not first.keys() & rest.keys()
 
 
 def test_sources_mix_by_weight_and_resume_exactly(tmp_path):
