@@ -1,9 +1,10 @@
 """Typed run configuration: dataclasses (the schema), validation, and the YAML + override loader.
 
-YAML files start with `defaults: [degla_schema, _self_]`; Hydra composes that schema, the file and any
-`key=value` overrides strictly (an unknown key or a wrong type is an error), then `OmegaConf.to_object`
-builds the dataclasses, whose `__post_init__` checks values. Every failure becomes one `ConfigError`
-line naming the key or value and the fix.
+Hydra composes the schema, a YAML file and any `key=value` overrides strictly (an unknown key or a wrong
+type is an error), then `OmegaConf.to_object` builds the dataclasses, whose `__post_init__` checks
+values. A YAML file may start with `defaults: [degla_schema, _self_]` or leave it out (it is then
+composed over the schema all the same). Every failure becomes one `ConfigError` line naming the key or
+value and the fix; an unknown key, in the file or on the command line, names the closest valid one.
 """
 from __future__ import annotations
 
@@ -301,7 +302,9 @@ def _register_schema() -> None:
 
 def _one_line(exc: Exception) -> str:
     """Reduce a Hydra/OmegaConf exception to `key: problem`."""
-    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    from degla_scale.config_reference import unknown_key_message
 
     inner = exc
     while not isinstance(inner, (OmegaConfBaseException, ConfigError)) and (inner.__cause__ or inner.__context__):
@@ -311,15 +314,32 @@ def _one_line(exc: Exception) -> str:
     if isinstance(inner, OmegaConfBaseException):
         key = getattr(inner, "full_key", None) or "?"
         msg = str(getattr(inner, "msg", inner)).splitlines()[0]
-        if isinstance(inner, ConfigKeyError):
-            return f"unknown config key '{key}': remove it or fix its spelling (see degla_scale/config.py)"
+        if isinstance(inner, (ConfigKeyError, ConfigAttributeError)):
+            return unknown_key_message(key)
         return f"bad value for config key '{key}': {msg}"
     return str(exc).splitlines()[0]
+
+
+def _check_override_keys(overrides: list[str]) -> None:
+    """Unknown keys on the command line get the same line as in a file (Hydra would call them bad values)."""
+    from degla_scale.config_reference import is_key, names, unknown_key_message
+
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value: write e.g. optim.lr=1e-5")
+        key = item.split("=", 1)[0].lstrip("+~")
+        inside_a_list = any(key.startswith(k + ".") for k in names())  # e.g. data.sources.0.path
+        if not (is_key(key) or inside_a_list):
+            raise ConfigError(unknown_key_message(key))
+        if item.startswith(("+", "~")):
+            raise ConfigError(f"override {item!r}: keys are fixed by the schema, so write {item.lstrip('+~')} "
+                              "without +/~ (a key cannot be added or deleted)")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Compose schema + YAML file + `key=value` overrides into a validated `Config`."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
@@ -328,21 +348,42 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"config file {str(path)!r} is not a .yaml file: pass e.g. --config configs/tiny.yaml")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found: pass an existing file, e.g. --config configs/tiny.yaml")
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value: write e.g. optim.lr=1e-5")
+    overrides = list(overrides or [])
+    _check_override_keys(overrides)
+    try:
+        content = OmegaConf.load(path)
+    except Exception as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML ({str(exc).splitlines()[0]}): fix its syntax") from None
+    if not isinstance(content, dict) and not OmegaConf.is_dict(content):
+        raise ConfigError(f"config file {str(path)!r} holds a list, not a mapping of keys: write e.g. `optim: {{lr: 1e-5}}`")
     _register_schema()
+    name = path.stem
+    if "defaults" not in content:  # compose the file over the schema as if it had the header
+        name = f"_headerless_{path.stem}"
+        ConfigStore.instance().store(name=name, node={"defaults": [SCHEMA_NAME, "_self_"],
+                                                      **OmegaConf.to_container(content)})
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(path.resolve().parent), version_base=None):
-            composed = compose(config_name=path.stem, overrides=list(overrides or []))
-        return OmegaConf.to_object(composed)
+            composed = compose(config_name=name, overrides=overrides)
+        cfg = OmegaConf.to_object(composed)
     except ConfigError:
         raise
     except Exception as exc:  # Hydra and OmegaConf raise many types; all become one line
         raise ConfigError(_one_line(exc)) from None
     finally:
         GlobalHydra.instance().clear()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"config file {str(path)!r} has a defaults list without {SCHEMA_NAME}: start it with "
+                          f"`defaults: [{SCHEMA_NAME}, _self_]` or leave the defaults list out")
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what --print-config shows)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def as_dict(cfg: Config) -> dict[str, Any]:

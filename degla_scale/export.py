@@ -1,6 +1,8 @@
 """Weights out of a run, in open_clip's own layout: from a DeepSpeed checkpoint of any ZeRO stage (student
-or EMA teacher), or from a final `.pt`, to a dict or a safetensors file that
-`open_clip.create_model_and_transforms(name, pretrained=PATH)` loads.
+or EMA teacher), or from a final `.pt`, to a dict, a safetensors file that
+`open_clip.create_model_and_transforms(name, pretrained=PATH)` loads, or a directory (config JSON +
+safetensors) that plain open_clip loads by itself with `create_model_and_transforms("local-dir:PATH")`,
+custom architectures included.
 
 The student comes from the fp32 master weights where ZeRO keeps them (stages 1-3, merged from every rank's
 optimizer partition by DeepSpeed's own `zero_to_fp32`), else from the module weights (stage 0). The
@@ -103,3 +105,23 @@ def engine_state_dict(engine) -> dict[str, torch.Tensor]:
     saved = module.state_dict().keys()
     state.update({name: b.detach().float().cpu() for name, b in module.named_buffers() if name in saved})
     return open_clip_layout(state)
+
+
+def export_dir(state: dict[str, torch.Tensor], out: str | Path, model, metadata: dict[str, str] | None = None) -> Path:
+    """Write `out/open_clip_config.json` (the architecture, its QuickGELU variant and preprocessing, so no
+    registry is needed to load it) and `out/open_clip_model.safetensors`. `model`: the run's ModelConfig."""
+    import open_clip
+
+    from degla_scale.models import preprocess_cfg, uses_quick_gelu
+
+    model_cfg = open_clip.get_model_config(model.name)
+    if model_cfg is None:
+        raise ExportError(f"model {model.name!r} is not an open_clip architecture here: pass the run's model name")
+    if uses_quick_gelu(model.name, model.pretrained):
+        model_cfg["quick_gelu"] = True
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    export_safetensors(state, out / "open_clip_model.safetensors", metadata)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg(model)}
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=1))
+    return out

@@ -4,9 +4,9 @@ Shapes: images [b, 3, H, W]; tokens [b·(1+K), L]; embeddings img_BD [b, D], txt
 """
 from __future__ import annotations
 
-import json
 import math
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -21,16 +21,18 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from degla_scale import checkpoint  # noqa: E402
+from degla_scale import checkpoint, run_config  # noqa: E402
 from degla_scale import distributed as D  # noqa: E402
-from degla_scale.config import Config, ConfigError, as_dict  # noqa: E402
+from degla_scale.config import Config, ConfigError  # noqa: E402
 from degla_scale.data.reader import (  # noqa: E402
     Batch, DataPosition, ShardReader, list_shards, peek_num_negatives, read_manifest,
 )
 from degla_scale.data.mds import MDSReader, mds_stats  # noqa: E402
 from degla_scale.logs import RunLog, plot_loss_curves  # noqa: E402
 from degla_scale.export import engine_state_dict  # noqa: E402
-from degla_scale.models import MAX_LOGIT_SCALE, build_model, image_transform, open_clip_layout, tokenizer  # noqa: E402
+from degla_scale.models import (  # noqa: E402
+    MAX_LOGIT_SCALE, build_model, check_model, image_transform, open_clip_layout, tokenizer,
+)
 from degla_scale.objective import DeGLALoss, degla_loss  # noqa: E402
 from degla_scale.teacher import EMATeacher  # noqa: E402
 from degla_scale.teacher_sharded import ShardedEMATeacher, ZeRO3EMATeacher  # noqa: E402
@@ -60,8 +62,11 @@ def check_data(cfg: Config) -> int:
         if k > data_k:
             raise ConfigError(f"data.num_negatives={k} but the shards in {source.path} hold as few as {data_k} "
                               f"negatives per sample: set data.num_negatives to at most {data_k} (or 0 for plain CLIP)")
-        if not cfg.data.num_samples and not manifest.get("num_samples"):
+        if not cfg.data.num_samples and "num_samples" not in manifest:
             raise ConfigError(f"no manifest.json beside {source.path}: set data.num_samples to the number of samples")
+        if manifest.get("num_samples") == 0 and not cfg.data.num_samples:
+            raise ConfigError(f"the shards in {source.path} hold no samples (manifest.json: num_samples 0): see its "
+                              "rejects.jsonl for why every record was rejected, fix them and convert again")
         total += manifest.get("num_samples", 0)
     return int(cfg.data.num_samples or total)
 
@@ -174,7 +179,9 @@ class Run:
 
 
 def preflight(cfg: Config) -> int:
-    """The checks that need no process group (data against config, loss backend against device) → samples."""
+    """The checks that need no process group (model name and weights, data against config, loss backend
+    against device) → samples per epoch."""
+    check_model(cfg.model.name, cfg.model.pretrained)
     if cfg.objective.backend == "triton" and accelerator.configure() == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("objective.backend=triton needs CUDA (or TRITON_INTERPRET=1, Triton's slow CPU interpreter): "
                           "use objective.backend=auto")
@@ -230,18 +237,35 @@ def build_teacher(cfg: Config, engine: deepspeed.DeepSpeedEngine, device: torch.
     return EMATeacher(engine.module, cfg.teacher.ema_alpha, autocast).to(device)
 
 
-def setup(cfg: Config) -> Run:
+def notice(message: str) -> None:
+    """One line for the person at the terminal, from rank 0 only (stderr, beside the progress bar)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def setup(cfg: Config) -> Run | None:
+    """Everything a run needs, resumed from its latest checkpoint; None when the run is already complete."""
     num_samples = preflight(cfg)
-    device, bf16 = init_runtime(cfg)
-    rank, world = D.rank(), D.world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's; the process group starts below
     per_step = world * cfg.data.batch_size * cfg.schedule.grad_accum
     steps_per_epoch = num_samples // per_step
     if steps_per_epoch < 1:
         raise ConfigError(f"{num_samples} samples fill no optimizer step of {per_step} (ranks × batch × accum): "
                           "lower data.batch_size or schedule.grad_accum")
     total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * steps_per_epoch
-    layout = checkpoint.Layout(0, world, cfg.data.batch_size, cfg.schedule.grad_accum)
     point = checkpoint.find(cfg)
+    if point is not None:
+        changed = run_config.check_resume(Path(cfg.run_dir), cfg)
+        if point.saved.step >= total_steps and (Path(cfg.run_dir) / "final" / "student.pt").is_file():
+            notice(f"{cfg.run_dir} is already complete (step {point.saved.step}/{total_steps}): nothing to do; use "
+                   "a new run_dir to train again, or checkpoint.resume=none to start over in this one")
+            return None
+        notice(f"resuming {cfg.run_dir} from step {point.saved.step}/{total_steps}")
+        if changed:
+            notice(f"warning: {changed}")
+    device, bf16 = init_runtime(cfg)
+    rank = D.rank()
+    layout = checkpoint.Layout(0, world, cfg.data.batch_size, cfg.schedule.grad_accum)
     universal = point is not None and checkpoint.prepare(point, layout, cfg.zero.stage, bf16)
     engine, teacher = build_engine(cfg, device, bf16, total_steps, load_universal=universal)
     reader = build_reader(cfg, rank, world)
@@ -326,12 +350,13 @@ def _gather_objects(obj) -> list:
 
 
 def train(cfg: Config) -> dict:
-    """Run (or resume) training to the end; returns the last log record."""
+    """Run (or resume) training to the end; returns the last log record (empty for a run already complete)."""
     run = setup(cfg)
+    if run is None:
+        return {}
     rank0 = D.rank() == 0
     if rank0:
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.run_dir) / "config.json").write_text(json.dumps(as_dict(cfg), indent=1))
+        run_config.save(Path(cfg.run_dir), cfg)
         run.log.write({"event": "start", "step": run.step, "total_steps": run.total_steps,
                        "steps_per_epoch": run.steps_per_epoch, "world_size": D.world_size(),
                        "resumed": run.step > 0, "data_position": run.position.to_json()})
@@ -387,3 +412,5 @@ def finish(run: Run) -> None:
     plot_loss_curves({run.run_dir.name: run.log.path}, run.run_dir / "loss_curve.png")
     run.log.write({"event": "end", "step": run.step})
     run.log.close()
+    notice(f"done: step {run.step}/{run.total_steps}; weights {final}/student.pt" + (" and teacher.pt" if teacher else "")
+           + f", log {run.log.path}, loss curve {run.run_dir / 'loss_curve.png'}")

@@ -24,19 +24,19 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="folder for results.json, table.md, chart.png")
     args, overrides = parser.parse_known_args(argv)
 
-    from degla_scale.config import ConfigError, load_config
+    from degla_scale import cli
 
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    return cli.run(lambda: evaluate_models(parser, args, overrides))
+
+
+def evaluate_models(parser, args, overrides) -> int:
     import torch
 
+    from degla_scale.config import load_config
     from degla_scale.eval import comparison_chart, comparison_table, evaluate
-    from degla_scale.eval.common import EvalDataError
     from degla_scale.eval.models import ModelSpec, load_encoder
 
+    cfg = load_config(args.config, overrides)
     try:
         specs = [ModelSpec.parse(text) for text in args.model]
     except ValueError as exc:
@@ -45,11 +45,7 @@ def main(argv=None) -> int:
     results = {}
     for spec in specs:
         encoder = load_encoder(spec, cfg.model, cfg.evaluation.batch_size, device)
-        try:
-            results[spec.label] = evaluate(encoder, cfg.evaluation)
-        except EvalDataError as exc:
-            print(f"evaluation data error: {exc}", file=sys.stderr)
-            return 2
+        results[spec.label] = evaluate(encoder, cfg.evaluation)
     args.out.mkdir(parents=True, exist_ok=True)
     sources = {s.label: f"{s.source}#{s.which}" for s in specs}
     (args.out / "results.json").write_text(json.dumps({"models": sources, "results": results}, indent=1))
@@ -57,6 +53,7 @@ def main(argv=None) -> int:
     (args.out / "table.md").write_text(table + "\n")
     comparison_chart(results, args.out / "chart.png")
     print(table)
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'table.md'}, {args.out / 'chart.png'}", file=sys.stderr)
     return 0
 
 

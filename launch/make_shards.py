@@ -42,7 +42,9 @@ def main(argv=None) -> int:
         parser.error(f"--num-negatives={args.num_negatives} must be >= 0")
     kind, *inputs = args.source
     if kind != "synthetic":
-        return convert_records(parser, args, kind, inputs)
+        from degla_scale import cli
+
+        return cli.run(lambda: convert_records(parser, args, kind, inputs))
 
     from degla_scale.data.synthetic import write_synthetic_dataset
 
@@ -80,6 +82,11 @@ def convert_records(parser, args, kind: str, inputs: list[str]) -> int:
                "wds": lambda: C.read_wds(inputs[0], side)}[kind]()
     report = C.convert(records, Path(args.out), args.format, args.num_negatives, args.shard_size, args.workers)
     print(json.dumps({k: v for k, v in report.items() if k != "shards"}))
+    if report["num_samples"] == 0:
+        reasons = {r: n for r, n in report["rejected"].items() if n}
+        raise C.DataError(f"all {report['read']} records were rejected ({reasons}), so {args.out} holds no samples: "
+                          f"see {Path(args.out) / 'rejects.jsonl'} for each record's reason")
+    print(f"wrote {report['num_samples']} samples to {args.out} ({len(report['shards'])} shards)", file=sys.stderr)
     return 0
 
 

@@ -45,10 +45,41 @@ def check_round_trip(run, tmp_path, early_tag="step00000001"):
         clip, _, _ = open_clip.create_model_and_transforms("degla-tiny", pretrained=str(out))
         for got, want in zip(embeddings(clip), reference(run / f"final/{which}.pt")):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+    check_directory_export(run, tmp_path)
     early = tmp_path / "early.safetensors"
     assert export(run / "checkpoints" / early_tag, early).returncode == 0
     moved = open_clip.create_model("degla-tiny", pretrained=str(early))
     assert not torch.equal(embeddings(moved)[0], reference(run / "final/student.pt")[0]), "training must move the weights"
+
+
+# A fresh interpreter with plain open_clip only: the directory must carry the custom architecture itself.
+PLAIN_OPEN_CLIP = """
+import sys, open_clip, torch
+clip, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + sys.argv[1])
+tokenizer = open_clip.get_tokenizer("local-dir:" + sys.argv[1])
+assert not any(m.startswith("degla_scale") for m in sys.modules), "degla_scale was imported"
+clip.eval()
+images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+tokens = tokenizer(["a red circle left of a blue square", "a small star", "x"])
+with torch.no_grad():
+    torch.save((clip.encode_image(images, normalize=True), clip.encode_text(tokens, normalize=True),
+                preprocess.transforms[0].size), sys.argv[2])
+"""
+
+
+def check_directory_export(run, tmp_path):
+    out = tmp_path / "exported"
+    done = export(run, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"local-dir:{out}" in done.stdout
+    loaded = subprocess.run([sys.executable, "-c", PLAIN_OPEN_CLIP, str(out), str(tmp_path / "emb.pt")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    image, text, size = torch.load(tmp_path / "emb.pt")
+    want_image, want_text = reference(run / "final/student.pt")
+    torch.testing.assert_close(image, want_image, rtol=0, atol=0)
+    torch.testing.assert_close(text, want_text, rtol=0, atol=0)
+    assert size == 32  # the architecture's preprocessing travels with it
 
 
 @pytest.mark.slow

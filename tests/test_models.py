@@ -54,5 +54,7 @@ def test_pretrained_local_file_round_trip(tmp_path):
 def test_unknown_model_and_tag():
     with pytest.raises(ConfigError, match="ViT-B-3"):
         build_model(ModelConfig("ViT-B-3"))
-    with pytest.raises(ConfigError, match="neither a file nor an open_clip tag"):
+    with pytest.raises(ConfigError, match="'missing.pt': no such file"):
         build_model(ModelConfig("degla-tiny", pretrained="missing.pt"))
+    with pytest.raises(ConfigError, match="not an open_clip tag of degla-tiny"):
+        build_model(ModelConfig("degla-tiny", pretrained="openai"))

@@ -24,7 +24,7 @@ class EvalDataError(FileNotFoundError):
 def require(path: Path, what: str) -> Path:
     """`path` if it exists, else one line naming it, what it is, and where it comes from."""
     if not path.exists():
-        raise EvalDataError(f"{what} not found at {path}: check --data-root (see the evaluator's docstring for the layout)")
+        raise EvalDataError(f"{what} not found at {path}: check evaluation.data_root (see the evaluator's docstring for the layout)")
     return path
 
 
@@ -40,7 +40,7 @@ def read_json(path: Path, what: str, expect: type = list):
     return data
 
 
-def require_images(paths: Sequence[Path], what: str, fix: str = "check --data-root (see the evaluator's docstring "
+def require_images(paths: Sequence[Path], what: str, fix: str = "check evaluation.data_root (see the evaluator's docstring "
                                                                  "for the layout)") -> None:
     """Fail before embedding anything if an image is missing, naming the first one: finding it after
     embedding thousands would waste the run."""
@@ -61,7 +61,7 @@ class ImageRef:
             with Image.open(self.path) as im:
                 rgb = im.convert("RGB")
         except FileNotFoundError:
-            raise EvalDataError(f"image {self.path} not found: check --data-root and the benchmark's image folder") from None
+            raise EvalDataError(f"image {self.path} not found: check evaluation.data_root and the benchmark's image folder") from None
         if self.box is None:
             return rgb
         x, y, w, h = self.box

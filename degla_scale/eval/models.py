@@ -4,7 +4,7 @@ A model spec is `[LABEL=]SOURCE`:
 - `openclip:NAME/TAG`: any open_clip model and pretrained tag or file, for baselines (`openclip:ViT-B-32/openai`);
 - a path: a run directory, its checkpoints/ folder, one checkpoint tag folder (any ZeRO stage), a `.pt` state
   dict in open_clip's layout (a run's final/student.pt) or an exported `.safetensors`; append `#teacher` for
-  the EMA teacher of a checkpoint. The architecture and its preprocessing come from the run's config.json,
+  the EMA teacher of a checkpoint, or a directory written by launch/export.py. The architecture and its preprocessing come from the run's config.json,
   else from the config given to launch/eval.py.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import open_clip
 from degla_scale.config import ModelConfig
 from degla_scale.eval.common import ModelEncoder
 from degla_scale.export import checkpoint_state_dict, run_model_section
-from degla_scale.models import build_clip, image_transform, tokenizer
+from degla_scale.models import build_clip, create_clip, image_transform, tokenizer, uses_quick_gelu
 
 
 @dataclass(frozen=True)
@@ -41,14 +41,17 @@ class ModelSpec:
 def load_encoder(spec: ModelSpec, default: ModelConfig, batch_size: int, device) -> ModelEncoder:
     if spec.source.startswith("openclip:"):
         name, _, tag = spec.source.removeprefix("openclip:").partition("/")
-        clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag or None)
-        return ModelEncoder(clip, preprocess, open_clip.get_tokenizer(name), batch_size, device)
+        cfg = ModelConfig(name, pretrained=tag or None)
+        return ModelEncoder(create_clip(name, cfg.pretrained), image_transform(cfg), tokenizer(cfg), batch_size, device)
+    if (Path(spec.source) / "open_clip_config.json").is_file():  # an exported directory: open_clip reads it whole
+        clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{spec.source}")
+        return ModelEncoder(clip, preprocess, open_clip.get_tokenizer(f"local-dir:{spec.source}"), batch_size, device)
     section = run_model_section(spec.source)
     cfg = ModelConfig(section["name"], pretrained=section.get("pretrained")) if section else default
     if spec.source.endswith(".safetensors"):
-        clip = open_clip.create_model(cfg.name, pretrained=spec.source)
+        clip = create_clip(cfg.name, spec.source, force_quick_gelu=uses_quick_gelu(cfg.name, cfg.pretrained))
     else:
-        clip = build_clip(ModelConfig(cfg.name), load_weights=False)
+        clip = build_clip(cfg, load_weights=False)
         state, shapes = checkpoint_state_dict(spec.source, spec.which), clip.state_dict()
         clip.load_state_dict({k: v.reshape(shapes[k].shape) for k, v in state.items()})  # 1-dim logit_scale
     return ModelEncoder(clip, image_transform(cfg), tokenizer(cfg), batch_size, device)

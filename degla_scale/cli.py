@@ -1,0 +1,35 @@
+"""The one error path of every entry point in launch/: a mistake of the user's (a bad config, data, evaluation
+files or checkpoint), raised at any time on any rank, ends the process with one line on rank 0's stderr
+naming the value and the fix, and exit code 2; the other ranks exit with the same code, quietly."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+USAGE_ERROR = 2
+
+
+def user_errors() -> dict[type, str]:
+    """Exception type → the prefix of its line."""
+    from degla_scale.config import ConfigError
+    from degla_scale.data.reader import DataError
+    from degla_scale.eval.common import EvalDataError
+    from degla_scale.export import ExportError
+
+    return {ConfigError: "config error", DataError: "data error", EvalDataError: "evaluation data error",
+            ExportError: "export error"}
+
+
+def run(main: Callable[[], int]) -> int:
+    """`main()`'s exit code, or 2 after one line for a user error."""
+    try:
+        return main()
+    except Exception as exc:
+        prefix = next((p for kind, p in user_errors().items() if isinstance(exc, kind)), None)
+        if prefix is None:
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            message = " ".join(str(exc).split())  # one line, whatever the message held
+            print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+        return USAGE_ERROR
