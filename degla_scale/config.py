@@ -103,7 +103,7 @@ class ObjectiveConfig:
     backend: str = "auto"
     """Loss implementation: triton (fused kernels, no B×N logits), torch (eager), auto (triton on CUDA)."""
     tgc_grouping: str = "own"
-    """TGC negatives: own (each sample's own K, DESIGN.md §2) or official (an ablation: row i with negatives
+    """TGC negatives: own (each sample's own K, docs/objective.md) or official (an ablation: row i with negatives
     k·b + i, as the official code's repeat(1, K) pairs them); official runs in eager PyTorch."""
 
     def __post_init__(self):

@@ -1,4 +1,4 @@
-"""The DeGLA objective (DESIGN.md §2), in PyTorch.
+"""The DeGLA objective (docs/objective.md), in PyTorch.
 
 Shape legend (per rank unless said otherwise):
     b  samples on this rank          B = W·b samples over all W ranks
@@ -115,7 +115,7 @@ def degla_loss(
     backend: str = "auto",
     tgc_grouping: str = "own",
 ) -> DeGLALoss:
-    """L = L_clip + w_igc·L_igc + w_tgc·L_tgc + w_distill·L_distill (DESIGN.md §2).
+    """L = L_clip + w_igc·L_igc + w_tgc·L_tgc + w_distill·L_distill (docs/objective.md).
 
     `scale` is the exponentiated logit scale (0-dim or shape [1]). A zero weight skips its term, so
     the teacher embeddings may be None when `tgc_weight == distill_weight == 0`. `backend`: "torch",
@@ -151,7 +151,7 @@ def degla_loss(
         tgc = grouped_contrastive_loss(pos_BD, t_txt_ND[:b], tgc_neg_BKD, tgc_scale)
     else:
         tgc = zero
-    # × W: after gradient averaging, the whole batch's sum (DESIGN.md §2)
+    # × W: after gradient averaging, the whole batch's sum (docs/objective.md)
     distill = world * distill_loss(img_BD, txt_ND, t_img_BD, t_txt_ND) if distill_weight != 0 else zero
     total = clip + igc_weight * igc + tgc_weight * tgc + distill_weight * distill
     return DeGLALoss(total=total, clip=clip, igc=igc, tgc=tgc, distill=distill)
@@ -183,7 +183,7 @@ def _degla_loss_triton(img_BD, txt_ND, scale, t_img_BD, t_txt_ND, K, igc_weight,
     if igc_weight == tgc_weight == distill_weight == 0:
         zero = clip.new_zeros(())
         return DeGLALoss(total=clip, clip=clip, igc=zero, tgc=zero, distill=zero)
-    # The kernel weighs this rank's distillation sum by w·W (whole-batch sum after averaging, DESIGN.md §2).
+    # The kernel weighs this rank's distillation sum by w·W (whole-batch sum after averaging, docs/objective.md).
     grounded, igc, tgc, distill = grounded_loss(img_BD, txt_ND, scale, t_img_BD, t_txt_ND, K, igc_weight, tgc_weight,
                                                 distill_weight * world, tgc_scale)
     return DeGLALoss(total=clip + grounded, clip=clip, igc=igc, tgc=tgc, distill=world * distill)

@@ -1,4 +1,4 @@
-"""The EMA teacher (DESIGN.md §2, "EMA"): θ_t ← α·θ_t + (1−α)·θ_s after every optimizer step.
+"""The EMA teacher (docs/objective.md, "EMA teacher"): θ_t ← α·θ_t + (1−α)·θ_s after every optimizer step.
 
 The EMA is kept in fp32 because at α = 0.9996 a bf16 EMA stops moving (the update is below bf16's
 resolution). `EMATeacher` is a replicated fp32 copy of the student (ZeRO-0). Under ZeRO-1/2/3 the EMA is

@@ -1,4 +1,4 @@
-"""EMA teachers sharded like the student's ZeRO fp32 master weights (DESIGN.md §2, "EMA").
+"""EMA teachers sharded like the student's ZeRO fp32 master weights (docs/objective.md, "EMA teacher").
 
 Each rank keeps the fp32 EMA of exactly the parameter slice whose fp32 master weights its optimizer owns
 (its "shard"), and folds the masters into it in place after every optimizer step with one fused foreach

@@ -1,4 +1,4 @@
-"""Fused global contrastive loss with hard negatives (DESIGN.md §2, term 1), and its reference.
+"""Fused global contrastive loss with hard negatives (docs/objective.md, term 1), and its reference.
 
 Legend (one rank):
     b   rows: this rank's images                       B  positives over all ranks (= images)

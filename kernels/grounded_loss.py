@@ -1,4 +1,4 @@
-"""The per-sample DeGLA terms in one pass (DESIGN.md §2, terms 2–4), and their reference.
+"""The per-sample DeGLA terms in one pass (docs/objective.md, terms 2–4), and their reference.
 
 Legend (one rank): b samples, K negatives each, D width, N = b·(1+K) caption rows (positives, then
 negatives sample-major: negative k of sample i is row b + i·K + k).

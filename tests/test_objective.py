@@ -1,4 +1,4 @@
-"""degla_loss against an explicit-logits reference written here, loop by loop, in float64 (DESIGN.md §2)."""
+"""degla_loss against an explicit-logits reference written here, loop by loop, in float64 (docs/objective.md)."""
 import math
 
 import pytest

@@ -1,7 +1,7 @@
 """Two gloo ranks: loss and gradients equal the one-process result on the concatenated batch.
 
 The reference is the loop reference of test_objective in one process on the whole batch, every term included: the three
-mean terms and the distillation sum over all rows (DESIGN.md §2). Rank r's feature gradients include
+mean terms and the distillation sum over all rows (docs/objective.md). Rank r's feature gradients include
 every rank's loss through the all-gather, so they equal W × the reference gradient of its chunk (the
 optimizer sees their average); the scale gradient, averaged over ranks as data parallelism does, equals
 the reference's. The reported terms' mean over ranks equals the one-process terms."""

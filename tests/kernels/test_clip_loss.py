@@ -1,6 +1,6 @@
 """The fused global contrastive loss against an explicit-logits float64 reference written here.
 
-Tolerance (DESIGN.md §4, flash-attention's rule): at each dtype the kernel's error against the float64
+Tolerance (docs/conventions.md, flash-attention's rule): at each dtype the kernel's error against the float64
 result on the same rounded inputs must be at most twice eager PyTorch's own error at that dtype.
 On CPU the kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET=1).
 """
