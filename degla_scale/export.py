@@ -16,7 +16,10 @@ from pathlib import Path
 
 import torch
 
+from degla_scale import accelerator
 from degla_scale.models import open_clip_layout
+
+accelerator.configure()  # before deepspeed is imported (its zero_to_fp32 below), else it warns on every CPU machine
 
 log = logging.getLogger(__name__)
 

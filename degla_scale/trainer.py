@@ -260,13 +260,14 @@ def setup(cfg: Config) -> Run | None:
             notice(f"{cfg.run_dir} is already complete (step {point.saved.step}/{total_steps}): nothing to do; use "
                    "a new run_dir to train again, or checkpoint.resume=none to start over in this one")
             return None
-        notice(f"resuming {cfg.run_dir} from step {point.saved.step}/{total_steps}")
-        if changed:
-            notice(f"warning: {changed}")
     device, bf16 = init_runtime(cfg)
     rank = D.rank()
     layout = checkpoint.Layout(0, world, cfg.data.batch_size, cfg.schedule.grad_accum)
-    universal = point is not None and checkpoint.prepare(point, layout, cfg.zero.stage, bf16)
+    universal = point is not None and checkpoint.prepare(point, layout, cfg.zero.stage, bf16)  # refuses another global batch
+    if point is not None:
+        notice(f"resuming {cfg.run_dir} from step {point.saved.step}/{total_steps}")
+        if changed:
+            notice(f"warning: {changed}")
     engine, teacher = build_engine(cfg, device, bf16, total_steps, load_universal=universal)
     reader = build_reader(cfg, rank, world)
     log = RunLog(Path(cfg.run_dir), enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
