@@ -7,7 +7,7 @@ Per (implementation, B, K, D): forward, backward and both at p20/p50/p80 (ms); e
 counted as 8·B·N·D per forward+backward (N = B·(1+K) texts; forward 2BND, backward 6BND) and as % of the
 GPU's dense bf16 peak; peak GPU memory above the inputs, and above inputs + gradients (the working
 memory of the loss itself); the bytes saved for backward (any device).
-Rows are appended to benchmarks/results/clip_loss.csv, and a plot is written beside it.
+Rows are appended to OUT/clip_loss.csv (--out, default runs/benchmarks/), and a plot is written beside it.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import (DTYPES, append_rows, bf16_peak_tflops, device_for_kernels, kernel_sweep_args,  # noqa: E402
-                               environment, measure, plot_p50)
+from benchmarks.common import (DTYPES, append_rows, bf16_peak_tflops, kernel_sweep_args,  # noqa: E402
+                               environment, measure, plot_p50, print_written)
 from kernels.clip_loss import clip_loss, clip_loss_ref  # noqa: E402
 
 
@@ -48,8 +48,7 @@ def implementations(K: int, on_gpu: bool) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    args, parser = kernel_sweep_args(argv, __doc__.split("\n")[0], default_K=[0, 4], tiny_K=[0, 2], out="clip_loss")
-    device = device_for_kernels(parser)
+    args, device = kernel_sweep_args(argv, __doc__.split("\n")[0], default_K=[0, 4], tiny_K=[0, 2], name="clip_loss")
     on_gpu = device == "cuda"
     dtype = DTYPES[args.dtype]
     env, peak = environment(), bf16_peak_tflops()
@@ -79,9 +78,9 @@ def main(argv=None) -> list[dict]:
                     print(f"{name:>9} B={B:>5} K={K} D={D:>4}: fwd+bwd p50 {row['both_p50_ms']:9.3f} ms  "
                           f"{tflops:9.4g} TFLOP/s  peak {row['peak_mem_mib'] or 'n/a'} MiB  saved {row['saved_mib']} MiB",
                           flush=True)
-    path = append_rows(args.results / f"{args.out}.csv", rows)
-    plot = plot_p50(rows, args.results / f"{args.out}.png", f"global contrastive loss, {args.dtype} — {env['device']}", ("K", "D"))
-    print(f"results: {path}\nplot: {plot}")
+    path = append_rows(args.out / f"{args.name}.csv", rows)
+    plot = plot_p50(rows, args.out / f"{args.name}.png", f"global contrastive loss, {args.dtype} — {env['device']}", ("K", "D"))
+    print_written(path, plot)
     return rows
 
 

@@ -9,7 +9,7 @@ by the project's converter. Each format is read by the trainer's own reader with
 time per sample is what one DataLoader worker spends on it. The step rate to feed comes from
 --step-samples-per-s (a bench_train_step.py measurement, per GPU) or is estimated from the config's model:
 forward FLOPs per sample counted on the meta device, × (3 student + 1 teacher), at --mfu of --peak-tflops.
-Rows are appended to benchmarks/results/data.csv, with a bar plot (data.png).
+Rows are appended to OUT/data.csv (--out, default runs/benchmarks/), with a bar plot (data.png).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS, append_rows, environment  # noqa: E402
+from benchmarks.common import add_output_args, append_rows, environment, print_written  # noqa: E402
 from degla_scale.config import load_config  # noqa: E402
 from degla_scale.data.convert import Raw, convert  # noqa: E402
 from degla_scale.data.mds import MDSReader  # noqa: E402
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     parser.add_argument("--step-samples-per-s", type=float, help="measured training rate per GPU to feed")
     parser.add_argument("--mfu", type=float, default=0.40, help="MFU assumed for the estimate (the scale target)")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for data.csv and data.png")
+    add_output_args(parser, "data")
     args, overrides = parser.parse_known_args(argv)
     width, height = (int(v) for v in args.image_size.lower().split("x"))
     if args.samples < 2 * args.batch_size:
@@ -121,13 +121,12 @@ def main(argv=None) -> int:
                          "workers_per_gpu": math.ceil(feed / rate)})
             print(f"{fmt}: {rate:.1f} samples/s per worker ({rows[-1]['kib_per_sample']} KiB/sample); "
                   f"{cfg.model.name} trains {feed:.0f} samples/s per GPU ({source}) → {rows[-1]['workers_per_gpu']} workers per GPU")
-    path = append_rows(args.results / "data.csv", rows)
-    plot(rows, args.results / "data.png")
-    print(f"results: {path}")
+    path = append_rows(args.out / f"{args.name}.csv", rows)
+    print_written(path, plot(rows, args.out / f"{args.name}.png"))
     return 0
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,6 +142,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 The kernel is bandwidth-bound: it reads the student and teacher rows of every sample once and writes
 their gradients. Effective bandwidth = those bytes / (forward + backward time), reported against the
 device's copy bandwidth measured in the same run (a large device-to-device clone).
-Rows are appended to benchmarks/results/grounded_loss.csv, and a plot is written beside it.
+Rows are appended to OUT/grounded_loss.csv (--out, default runs/benchmarks/), and a plot is written beside it.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import (DTYPES, append_rows, device_for_kernels, environment, kernel_sweep_args,  # noqa: E402
-                               measure, plot_p50)
+from benchmarks.common import (DTYPES, append_rows, environment, kernel_sweep_args,  # noqa: E402
+                               measure, plot_p50, print_written)
 from kernels.grounded_loss import grounded_loss, grounded_loss_ref  # noqa: E402
 
 WEIGHTS = (0.1, 0.1, 0.005)  # igc, tgc, distill: the paper's
@@ -40,8 +40,7 @@ def copy_bandwidth_gbs(device: str, mib: int) -> float:
 
 
 def main(argv=None) -> list[dict]:
-    args, parser = kernel_sweep_args(argv, __doc__.split("\n")[0], default_K=[4], tiny_K=[2], out="grounded_loss")
-    device = device_for_kernels(parser)
+    args, device = kernel_sweep_args(argv, __doc__.split("\n")[0], default_K=[4], tiny_K=[2], name="grounded_loss")
     on_gpu = device == "cuda"
     dtype = DTYPES[args.dtype]
     env = environment()
@@ -76,9 +75,9 @@ def main(argv=None) -> list[dict]:
                     rows.append(row)
                     print(f"{name:>8} b={b:>5} K={K} D={D:>4}: fwd+bwd p50 {row['both_p50_ms']:9.3f} ms  {gbs:9.4g} GB/s "
                           f"({row['pct_copy_bw']}% of copy)  peak {row['peak_mem_mib'] or 'n/a'} MiB", flush=True)
-    path = append_rows(args.results / f"{args.out}.csv", rows)
-    plot = plot_p50(rows, args.results / f"{args.out}.png", f"grounded terms (IGC+TGC+distill), {args.dtype} — {env['device']}", ("K", "D"))
-    print(f"results: {path}\nplot: {plot}")
+    path = append_rows(args.out / f"{args.name}.csv", rows)
+    plot = plot_p50(rows, args.out / f"{args.name}.png", f"grounded terms (IGC+TGC+distill), {args.dtype} — {env['device']}", ("K", "D"))
+    print_written(path, plot)
     return rows
 
 

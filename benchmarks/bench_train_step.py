@@ -8,7 +8,7 @@ ids of the configured shapes, timed phase by phase with device synchronisation: 
 teacher forward, student forward + loss, backward, optimizer step, EMA update. MFU counts the model's
 forward FLOPs (torch's FlopCounterMode on one forward) as student 3× (forward + backward) plus teacher
 1×, over the step time, against the GPU's dense bf16 peak. Weights are random (nothing is downloaded).
-Rows are appended to benchmarks/results/train_step.csv, with a stacked-bar plot of the phases.
+Rows are appended to OUT/train_step.csv (--out, default runs/benchmarks/), with a stacked-bar plot of the phases.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS, append_rows, bf16_peak_tflops, environment, percentiles  # noqa: E402
+from benchmarks.common import (add_output_args, append_rows, bf16_peak_tflops, environment, percentiles,  # noqa: E402
+                               print_written)
 from degla_scale.config import load_config  # noqa: E402
 from degla_scale.trainer import build_engine, init_runtime, objective_loss  # noqa: E402  (picks the DeepSpeed accelerator first)
 from degla_scale import distributed as D  # noqa: E402
@@ -71,8 +72,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--config", required=True)
     parser.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup untimed ones)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--out", default="train_step")
+    add_output_args(parser, "train_step")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
@@ -131,12 +131,13 @@ def main(argv=None) -> dict:
     for phase in PHASES:
         row[f"{phase}_p50_ms"] = round(percentiles(times[phase])[1], 3)
     if D.rank() == 0:
-        path = append_rows(args.results / f"{args.out}.csv", [row])
-        plot = plot_phases([row], args.results / f"{args.out}.png", f"DeGLA step — {row['device']}")
+        path = append_rows(args.out / f"{args.name}.csv", [row])
+        plot = plot_phases([row], args.out / f"{args.name}.png", f"DeGLA step — {row['device']}")
         breakdown = "  ".join(f"{p} {row[f'{p}_p50_ms']:.1f}" for p in PHASES)
         print(f"{cfg.model.name} b={b} K={K} ZeRO-{cfg.zero.stage}: step p50 {row['step_p50_ms']:.1f} ms, "
               f"{row['samples_per_s']} samples/s, {tflops:.3g} TFLOP/s, MFU {row['mfu_pct'] or 'n/a'}%\n"
-              f"  phases (ms, p50): {breakdown}\nresults: {path}\nplot: {plot}")
+              f"  phases (ms, p50): {breakdown}")
+        print_written(path, plot)
     return row
 
 

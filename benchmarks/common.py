@@ -1,7 +1,8 @@
 """Shared benchmark plumbing: timing percentiles, memory, the environment line, CSV rows, plots.
 
 Every result row carries the device name, torch/triton versions, date and the exact command, so a CSV
-in benchmarks/results/ says where each number came from.
+says where each number came from. Results go to --out (default runs/benchmarks/, not tracked by git);
+`--results benchmarks/results` records them in the committed folder.
 """
 from __future__ import annotations
 
@@ -16,13 +17,25 @@ from typing import Callable
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+OUT = Path("runs/benchmarks")  # relative to where the benchmark is run; benchmarks/results/ is the committed record
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def kernel_sweep_args(argv, description: str, default_K: list[int], tiny_K: list[int], out: str):
+def add_output_args(parser, name: str) -> None:
+    """--out (alias --results): the folder results are written to; --name: their file name stem."""
+    parser.add_argument("--out", "--results", dest="out", type=Path, default=OUT,
+                        help=f"folder for the results (default {OUT}/); --results benchmarks/results records them "
+                             "in the committed folder")
+    parser.add_argument("--name", default=name, help="file name stem of the results (default %(default)s)")
+
+
+def print_written(*paths: Path) -> None:
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def kernel_sweep_args(argv, description: str, default_K: list[int], tiny_K: list[int], name: str):
     """The kernel benchmarks' shared command line: B/K/D sweep, dtype, reps, --tiny CPU smoke run, output;
-    → (parsed args with --tiny applied, parser)."""
+    → (parsed args with --tiny applied, the device to run on: see `device_for_kernels`)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
@@ -32,12 +45,12 @@ def kernel_sweep_args(argv, description: str, default_K: list[int], tiny_K: list
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--tiny", action="store_true", help=f"CPU smoke run: B ∈ {{16, 32}}, K ∈ {set(tiny_K)}, D=32, 3 reps")
-    parser.add_argument("--out", default=out, help="result file name (CSV and PNG)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the results")
+    add_output_args(parser, name)
     args = parser.parse_args(argv)
+    device = device_for_kernels(parser, args.tiny)
     if args.tiny:
         args.B, args.K, args.D, args.reps = [16, 32], tiny_K, [32], 3
-    return args, parser
+    return args, device
 
 # Dense bf16 tensor-core peak, TFLOP/s (vendor datasheets; SXM unless named).
 BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -145,12 +158,16 @@ def measure(make_inputs: Callable, loss_fn: Callable, reps: int) -> dict | None:
     return fields
 
 
-def device_for_kernels(parser) -> str:
-    """"cuda", or "cpu" when the kernels can run under Triton's interpreter; otherwise a parser error."""
+def device_for_kernels(parser, tiny: bool) -> str:
+    """"cuda", or "cpu" for the --tiny run under Triton's interpreter; otherwise exit 2 with what to add."""
     if torch.cuda.is_available():
         return "cuda"
     if os.environ.get("TRITON_INTERPRET") != "1":
-        parser.error("no GPU: set TRITON_INTERPRET=1 (before Python starts) to run the kernel under Triton's interpreter")
+        parser.error("no GPU: set TRITON_INTERPRET=1 (before Python starts) to run the kernel under Triton's "
+                     "interpreter, with --tiny")
+    if not tiny:
+        parser.exit(2, f"{parser.prog}: no GPU, and the default shapes are GPU-sized (far too slow under "
+                       "Triton's interpreter): add --tiny for the CPU smoke run\n")
     return "cpu"
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import print_written  # noqa: E402
 from degla_scale.config import Config, load_config  # noqa: E402
 from degla_scale.models import build_model  # noqa: E402
 from degla_scale.trainer import reduce_bucket_elements  # noqa: E402
@@ -150,6 +151,7 @@ def main(argv=None) -> dict:
            "world_size": args.world_size, "gpu_memory_gib": args.gpu_memory_gib}
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
+        print_written(args.json)
     return out
 
 

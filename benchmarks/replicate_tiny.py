@@ -16,8 +16,9 @@ Claims checked: (1) DeGLA gains composition (over the pre-trained model and over
     make demo   # once: the synthetic data and the pre-trained tiny CLIP (runs/tiny_pretrain)
     python benchmarks/replicate_tiny.py --steps 300 --seeds 0 1 2 --parallel 2
 
-Each run is `launch/train.py` on one process (finished runs are skipped on a rerun). Writes
-OUT.csv (one row per variant and seed), OUT.md (mean ± std, verdicts, the command) and OUT.png.
+Each run is `launch/train.py` on one process (finished runs are skipped on a rerun). Writes, in --out
+(default runs/benchmarks/; --results benchmarks/results for the committed record), NAME.csv (one row per
+variant and seed), NAME.md (mean ± std, verdicts, the command) and NAME.png; NAME is --name (replicate_tiny).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, environment  # noqa: E402
+from benchmarks.common import add_output_args, environment, print_written  # noqa: E402
 
 NO_TEACHER = ["objective.igc_weight=0", "objective.tgc_weight=0", "objective.distill_weight=0"]
 VARIANTS = {
@@ -111,7 +112,7 @@ def verdicts(summary: dict) -> list[str]:
     return lines
 
 
-def write_report(rows: list[dict], out: Path, env: dict, args) -> list[str]:
+def write_report(rows: list[dict], stem: Path, env: dict, args) -> list[str]:
     summary = summarise(rows)
     lines = ["| variant | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
     for name, metrics in summary.items():
@@ -121,8 +122,8 @@ def write_report(rows: list[dict], out: Path, env: dict, args) -> list[str]:
             (f"{args.steps} steps of batch {args.batch_size} per run, seeds {args.seeds}; percent, mean ± std over "
              "seeds (the pre-trained row is one model)."), "", *lines, "", *found, "",
             f"Command: `{env['command']}`  ", f"Date: {env['date']}; device: {env['device']}; torch {env['torch']}."]
-    out.with_suffix(".md").write_text("\n".join(text) + "\n")
-    plot(summary, out.with_suffix(".png"))
+    stem.with_suffix(".md").write_text("\n".join(text) + "\n")
+    plot(summary, stem.with_suffix(".png"))
     return [*lines, *found]
 
 
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (each gets cores / parallel threads)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs/replicate_tiny", help="run directories")
-    parser.add_argument("--out", type=Path, default=RESULTS / "replicate_tiny", help="results stem (.csv/.md/.png)")
+    add_output_args(parser, "replicate_tiny")
     args = parser.parse_args(argv)
     for path, fix in ((args.pretrained, "run `make demo` first, or pass --pretrained"),
                       (args.data / "finetune", "run `make demo` first, or pass --data")):
@@ -178,14 +179,16 @@ def main(argv=None) -> int:
         runs = pool.map(lambda job: (job, train(*job, args, threads)), jobs)
         for (name, seed), run_dir in tqdm(runs, total=len(jobs), desc="fine-tune + evaluate", unit="run"):
             rows.append({"variant": name, "seed": seed, **evaluate(run_dir / "final/student.pt", args.data)})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.with_suffix(".csv").open("w", newline="") as f:
+    stem = args.out / args.name
+    args.out.mkdir(parents=True, exist_ok=True)
+    with stem.with_suffix(".csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["variant", "seed", *METRICS, "steps", "batch", "date", "command"])
         writer.writeheader()
         for row in rows:
             writer.writerow({**row, "steps": args.steps, "batch": args.batch_size, "date": env["date"],
                              "command": env["command"]})
-    print("\n".join(write_report(rows, args.out, env, args)))
+    print("\n".join(write_report(rows, stem, env, args)))
+    print_written(*(stem.with_suffix(suffix) for suffix in (".csv", ".md", ".png")))
     return 0
 
 

@@ -214,27 +214,28 @@ def _first_line(text: str) -> str:
 
 
 def negatives_for(backend, record_id: str, caption: str, num_negatives: int, types: tuple[str, ...],
-                  seed: int, rounds: int = 2) -> tuple[list[tuple[str, str]], list[dict], int]:
+                  seed: int, rounds: int = 2) -> tuple[list[tuple[str, str]], list[dict], list[str]]:
     """Up to K distinct (type, negative) pairs for one caption. Its types are tried in a seeded order, one
     answer each per round; a further round (the backend's next `attempt`) runs only while fewer than K
     were accepted, so types repeat only when K exceeds the applicable ones or answers were rejected.
-    → (accepted, rejected answers, types that did not apply)."""
+    → (accepted, rejected answers, the types that did not apply)."""
     order = list(types)
     random.Random(f"{seed}/{record_id}").shuffle(order)
-    accepted, rejected, not_applicable = [], [], 0
+    accepted, rejected, not_applicable = [], [], []
     for attempt in range(rounds):
         for kind in order:
             if len(accepted) == num_negatives:
                 return accepted, rejected, not_applicable
             answer = backend(kind, caption, attempt)
             if answer is None:
-                not_applicable += attempt == 0
+                if attempt == 0:
+                    not_applicable.append(kind)
                 continue
             reason = validate(kind, caption, answer)
             if reason is None and answer not in (n for _, n in accepted):
                 accepted.append((kind, answer))
             else:
                 rejected.append({"id": record_id, "type": kind, "answer": answer, "reason": reason or "duplicate"})
-        if not_applicable == len(order):
+        if len(not_applicable) == len(order):
             break
     return accepted, rejected, not_applicable

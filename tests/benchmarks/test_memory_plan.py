@@ -40,8 +40,11 @@ print("PEAK", max(sum(s) for s in sizes))
 def test_plan_within_25_percent_of_measured_peak(tmp_path, stage):
     script = tmp_path / "measure.py"
     script.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n" + MEASURE)
-    measured = subprocess.run([sys.executable, str(script), f"zero.stage={stage}"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=300)
+    for _ in range(3):  # torch's memory profiler sometimes trips its own data-flow check on reused addresses
+        measured = subprocess.run([sys.executable, str(script), f"zero.stage={stage}"], cwd=ROOT, capture_output=True,
+                                  text=True, timeout=300)
+        if "AssertionError: duplicate outputs" not in measured.stderr:
+            break
     assert measured.returncode == 0, measured.stderr[-2000:]
     peak = float(measured.stdout.split("PEAK")[-1])
     planned = subprocess.run([sys.executable, "benchmarks/memory_plan.py", "--config", "configs/tiny.yaml", "--cpu",

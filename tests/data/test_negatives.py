@@ -59,10 +59,37 @@ def test_rule_backend_keeps_adjectives_in_their_group_and_redraws_on_attempt():
 def test_negatives_for_repeats_types_only_when_k_exceeds_the_applicable_ones():
     accepted, rejected, not_applicable = negatives_for(RuleBackend(seed=0), "r0", "a small red car", 4, TYPES, seed=0,
                                                        rounds=8)
-    assert len({n for _, n in accepted}) == 4 and not_applicable == 3  # only the two replace types apply
+    assert len({n for _, n in accepted}) == 4  # only the two replace types apply
+    assert sorted(not_applicable) == ["reshuffle", "swap_adj", "swap_noun"]
     assert sorted({t for t, _ in accepted}) == ["replace_adj", "replace_noun"]
     accepted, _, _ = negatives_for(RuleBackend(seed=0), "r1", "a small red car left of a large blue bus", 4, TYPES, seed=0)
     assert len({t for t, _ in accepted}) == 4
+
+
+
+def test_rule_backend_cli_lists_the_captions_short_of_k_and_why(tmp_path):
+    """Captions the lexicon cannot fully rewrite: listed in OUT.short.jsonl with the reason, counted in the
+    report and in one line on stderr; exit 0, or 1 with --strict."""
+    captions = {"full": "a red car left of a blue truck", "few": "a dog on a bench", "none": "a photo of something"}
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps({"id": i, "caption": c}) for i, c in captions.items()))
+    out = tmp_path / "neg.jsonl"
+    command = [sys.executable, str(ROOT / "launch/make_negatives.py"), "--in", str(tmp_path / "captions.jsonl"),
+               "--out", str(out), "--backend", "rule", "--num-negatives", "4"]
+    lenient = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    strict = subprocess.run(command + ["--strict"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (lenient.returncode, strict.returncode) == (0, 1), lenient.stderr[-2000:]
+    for run in (lenient, strict):
+        assert json.loads(run.stdout.strip().splitlines()[-1])["short_captions"] == 2
+        assert run.stderr.strip().splitlines()[-1] == (
+            f"2 of 3 captions got fewer than 4 negatives (listed in {out.with_suffix('.short.jsonl')}): the rule backend "
+            "knows only the words of its lexicon; use --backend llm, lower --num-negatives, or let make_shards.py drop them")
+    short = {r["id"]: r for r in map(json.loads, out.with_suffix(".short.jsonl").read_text().splitlines())}
+    assert short.keys() == {"few", "none"}
+    assert {k: short["none"][k] for k in ("caption", "got", "needed")} == {"caption": captions["none"], "got": 0, "needed": 4}
+    assert sorted(short["none"]["why"].removeprefix("not applicable: ").split(", ")) == sorted(TYPES)
+    few = short["few"]  # no adjective nor known relation; its one noun swap comes back as a duplicate
+    assert few["got"] == 3 and few["needed"] == 4
+    assert all(t in few["why"] for t in ("reshuffle", "swap_adj", "replace_adj")) and "(duplicate)" in few["why"]
 
 
 class FakeEndpoint(BaseHTTPRequestHandler):
@@ -133,7 +160,9 @@ def test_llm_client_retries_caches_validates_and_keeps_the_key_secret(tmp_path):
             assert validate(kind, caption, negative) is None
     rejects = [json.loads(line) for line in (tmp_path / "neg.rejects.jsonl").read_text().splitlines()]
     assert {"id": "c2", "type": "replace_noun", "answer": "a cat on a sofa", "reason": "not_one_word_replaced"} in rejects
-    assert report["short"] == 1 and report["rejected_not_one_word_replaced"] >= 1
+    assert report["short_captions"] == 1 and report["rejected_not_one_word_replaced"] >= 1
+    (short,) = map(json.loads, (tmp_path / "neg.short.jsonl").read_text().splitlines())
+    assert short["id"] == "c2" and "replace_noun 'a cat on a sofa' (not_one_word_replaced)" in short["why"]
     for text in (first.stdout, first.stderr, second.stdout, second.stderr,
                  *(p.read_text() for p in tmp_path.glob("neg*.jsonl"))):
         assert secret not in text
