@@ -10,6 +10,17 @@ from typing import Callable
 USAGE_ERROR = 2
 
 
+def is_rank0() -> bool:
+    """Rank 0 of the launcher's ranks (or the only process); readable before any process group starts."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def notice(message: str) -> None:
+    """One line for the person at the terminal, from rank 0 only (stderr, beside any progress bar)."""
+    if is_rank0():
+        print(message, file=sys.stderr, flush=True)
+
+
 def user_errors() -> dict[type, str]:
     """Exception type → the prefix of its line."""
     from degla_scale.config import ConfigError
@@ -29,7 +40,5 @@ def run(main: Callable[[], int]) -> int:
         prefix = next((p for kind, p in user_errors().items() if isinstance(exc, kind)), None)
         if prefix is None:
             raise
-        if int(os.environ.get("RANK", "0")) == 0:
-            message = " ".join(str(exc).split())  # one line, whatever the message held
-            print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+        notice(f"{prefix}: {' '.join(str(exc).split())}")  # one line, whatever the message held
         return USAGE_ERROR

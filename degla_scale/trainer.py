@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -22,6 +21,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from degla_scale import checkpoint, run_config  # noqa: E402
+from degla_scale.cli import notice  # noqa: E402
 from degla_scale import distributed as D  # noqa: E402
 from degla_scale.config import Config, ConfigError  # noqa: E402
 from degla_scale.data.reader import (  # noqa: E402
@@ -235,12 +235,6 @@ def build_teacher(cfg: Config, engine: deepspeed.DeepSpeedEngine, device: torch.
         teacher_engine, *_ = deepspeed.initialize(model=model.requires_grad_(False), config=ds)
         return ZeRO3EMATeacher(engine, teacher_engine, cfg.teacher.ema_alpha, cfg.teacher.refresh_every, offload)
     return EMATeacher(engine.module, cfg.teacher.ema_alpha, autocast).to(device)
-
-
-def notice(message: str) -> None:
-    """One line for the person at the terminal, from rank 0 only (stderr, beside the progress bar)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(message, file=sys.stderr, flush=True)
 
 
 def setup(cfg: Config) -> Run | None:

@@ -128,13 +128,9 @@ def validate(raw: Raw, num_negatives: int) -> dict:
         data = raw.image.read_bytes()
     else:
         data = raw.image
-    from PIL import Image
-
     rgb = decode_rgb(data)
     caption = check_texts(raw.caption, raw.negatives, num_negatives)
-    with Image.open(io.BytesIO(data)) as im:
-        is_jpeg = im.format == "JPEG"
-    if not is_jpeg:  # shards hold JPEG: re-encode PNGs and the like once, here
+    if not data.startswith(b"\xff\xd8\xff"):  # not JPEG: shards hold JPEG, so re-encode PNGs and the like once, here
         buf = io.BytesIO()
         rgb.save(buf, format="JPEG", quality=95)
         data = buf.getvalue()
