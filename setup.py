@@ -20,6 +20,7 @@ install_requires = [
     "pillow",
     "numpy",
     "safetensors",  # launch/export.py writes, open_clip reads
+    "huggingface_hub",  # imported directly: models checks the weight cache before trying a download
     "openai>=1.40",  # make_negatives: the client for OpenAI-compatible chat endpoints (vLLM, llama.cpp, hosted)
 ]
 if sys.platform.startswith("linux"):
