@@ -102,6 +102,9 @@ class ObjectiveConfig:
     """Fixed temperature τ of the text-grounded contrast."""
     backend: str = "auto"
     """Loss implementation: triton (fused kernels, no B×N logits), torch (eager), auto (triton on CUDA)."""
+    deterministic: bool = False
+    """Triton backend: launch each kernel with one fixed config instead of autotuning, so two runs (and every
+    rank) sum in the same order and give bit-identical losses; may be slower. The eager path needs no switch."""
     tgc_grouping: str = "own"
     """TGC negatives: own (each sample's own K, docs/objective.md) or official (an ablation: row i with negatives
     k·b + i, as the official code's repeat(1, K) pairs them); official runs in eager PyTorch."""

@@ -114,13 +114,15 @@ def degla_loss(
     group: dist.ProcessGroup | None = None,
     backend: str = "auto",
     tgc_grouping: str = "own",
+    deterministic: bool = False,
 ) -> DeGLALoss:
     """L = L_clip + w_igc·L_igc + w_tgc·L_tgc + w_distill·L_distill (docs/objective.md).
 
     `scale` is the exponentiated logit scale (0-dim or shape [1]). A zero weight skips its term, so
     the teacher embeddings may be None when `tgc_weight == distill_weight == 0`. `backend`: "torch",
     "triton" or "auto" (Triton for CUDA tensors). `tgc_grouping="official"` is an ablation: TGC pairs row i
-    with negatives k·b + i (the official code's `repeat(1, K)`), in eager PyTorch only.
+    with negatives k·b + i (the official code's `repeat(1, K)`), in eager PyTorch only. `deterministic`:
+    the kernels run one fixed config (no autotuning), so repeated runs are bit-identical.
     """
     if tgc_grouping not in ("own", "official"):
         raise ValueError(f"tgc_grouping={tgc_grouping!r} is not one of own, official")
@@ -128,7 +130,7 @@ def degla_loss(
         raise ValueError("tgc_grouping='official' (an ablation) has no Triton kernel: use backend='torch' or 'auto'")
     if tgc_grouping == "own" and _use_triton(backend, img_BD):
         return _degla_loss_triton(img_BD, txt_ND, scale, t_img_BD, t_txt_ND, num_negatives, igc_weight, tgc_weight,
-                                  distill_weight, tgc_scale, group)
+                                  distill_weight, tgc_scale, group, deterministic)
     dtype = _compute_dtype(img_BD)
     img_BD, txt_ND, scale = img_BD.to(dtype), txt_ND.to(dtype), scale.to(dtype).reshape(())
     b, K = img_BD.shape[0], num_negatives
@@ -171,7 +173,7 @@ def _use_triton(backend: str, x: torch.Tensor) -> bool:
 
 
 def _degla_loss_triton(img_BD, txt_ND, scale, t_img_BD, t_txt_ND, K, igc_weight, tgc_weight, distill_weight,
-                       tgc_scale, group) -> DeGLALoss:
+                       tgc_scale, group, deterministic) -> DeGLALoss:
     from kernels.clip_loss import clip_loss
     from kernels.grounded_loss import grounded_loss
 
@@ -179,7 +181,8 @@ def _degla_loss_triton(img_BD, txt_ND, scale, t_img_BD, t_txt_ND, K, igc_weight,
     pos_BD, neg_BKD = split_captions(txt_ND, b, K)
     rank, world = _rank_world(group)
     columns_CD = torch.cat([all_gather_with_grad(pos_BD, group), all_gather_with_grad(neg_BKD.reshape(-1, D), group)])
-    clip = clip_loss(img_BD, columns_CD, scale, num_pos=world * b, row_offset=rank * b, group=group)
+    clip = clip_loss(img_BD, columns_CD, scale, num_pos=world * b, row_offset=rank * b, group=group,
+                     deterministic=deterministic)
     if igc_weight == tgc_weight == distill_weight == 0:
         zero = clip.new_zeros(())
         return DeGLALoss(total=clip, clip=clip, igc=zero, tgc=zero, distill=zero)

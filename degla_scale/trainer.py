@@ -294,7 +294,8 @@ def objective_loss(cfg: Config, img_BD, txt_ND, scale, t_img_BD, t_txt_ND) -> De
     obj = cfg.objective
     return degla_loss(img_BD, txt_ND, scale, t_img_BD, t_txt_ND, num_negatives=cfg.data.num_negatives,
                       igc_weight=obj.igc_weight, tgc_weight=obj.tgc_weight, distill_weight=obj.distill_weight,
-                      tgc_scale=obj.tgc_scale, backend=obj.backend, tgc_grouping=obj.tgc_grouping)
+                      tgc_scale=obj.tgc_scale, backend=obj.backend, tgc_grouping=obj.tgc_grouping,
+                      deterministic=obj.deterministic)
 
 
 def train_step(run: Run, batches: Iterator[Batch]) -> tuple[torch.Tensor, list[str]]:

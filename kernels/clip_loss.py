@@ -8,16 +8,23 @@ Legend (one rank):
     loss = ( mean_i [LSE_c S_ic − S_i,o+i]  +  mean_{j local} [LSE_{all images} S_·j − S_j−o,j] ) / 2
     with o = the rank's row offset (its first sample's global index).
 
-Forward: one program per block of rows streams column tiles of S (an fp32 accumulator over D chunks)
-with an online max/sum, giving each row's LSE over all C texts; from the same tiles it writes the
-block's partial LSE of every positive column over its rows. The partials are reduced over row blocks
-and then over ranks (a [W, B] all-gather), so the t2i LSE covers every image of every rank.
+Forward: a 2-D grid (kernels/launch_plan.py): each program takes one block of rows and one run of
+column tiles, streams S tiles (an fp32 accumulator over D chunks) with an online max/sum, and writes
+each row's partial LSE over its columns; from the same tiles it writes the block's partial LSE of every
+positive column over its rows. Partials are merged by logsumexp: row partials over the splits, column
+partials over the row blocks and then over ranks (a [W, B] all-gather), so the t2i LSE covers every
+image of every rank. The partial buffers are sized by the plan, which fixes the tile shape; the
+autotuner only chooses BLOCK_K, warps and stages, so every config it times writes every slot.
 
-Backward recomputes S in column chunks: a Triton kernel turns each S tile straight into dS (softmax of
-the row plus, on positive columns, softmax of the column) and its share of d(scale); two GEMMs per
-chunk then give dI and dT. Memory: the saved tensors are the inputs plus b + B LSEs, O((b + C)·D);
-the transients are one dS chunk of b × `chunk_columns` (by default sized to `CHUNK_BYTES`) and an
-fp32 [b, D] accumulator for dI.
+Backward recomputes S in column chunks: a Triton kernel turns each S tile straight into s·dS (softmax
+of the row plus, on positive columns, softmax of the column), written once in the input dtype; per
+chunk one cuBLAS GEMM accumulates dI in place into a single fp32 [b, D] buffer and one writes dT
+straight into its rows of the gradient. d(scale) = Σ dS ⊙ (I·Tᵀ) = Σ (dI ⊙ I) / s, from the finished dI:
+no atomics, no extra output. dI and dT stay in cuBLAS rather than inside the kernel (flash-attention's
+backward) because D (512–1280) is 4–10× an attention head: a program's [BLOCK_M, D] fp32 dI
+accumulator does not fit on chip, so fusing would mean per-tile atomics on dI or recomputing S per D
+slab. Memory: the saved tensors are the inputs plus b + B LSEs, O((b + C)·D); the transients are one
+s·dS chunk of b × `chunk_columns` (by default sized to `CHUNK_BYTES`) and the fp32 dI accumulator.
 
 Multi-rank: rank r differentiates the t2i terms of *every* positive column through its own image rows,
 so its gradients are not ∂L_r but their sum over ranks is ∂(Σ_r L_r): after the all-gather's
@@ -27,7 +34,7 @@ parallelism does).
 """
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 import torch.distributed as dist
@@ -36,21 +43,24 @@ import triton
 import triton.language as tl
 
 from kernels import _rows_unit_stride
+from kernels.launch_plan import forward_plan
+from kernels.tuning import INTERPRET, Tuned, config
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CHUNK_BYTES = 8 * 2**20  # default s·dS chunk: enough columns per GEMM to keep tensor cores busy, little memory
+INTERPRET_SMS = 4  # the SM count the launch plan assumes under the CPU interpreter (tests change it)
 
-
-def _configs() -> list[triton.Config]:
-    if INTERPRET:  # the CPU interpreter: one small tile, no timing runs
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
-    shapes = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (64, 64, 64, 4, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in shapes]
-
-
-CHUNK_BYTES = 8 * 2**20  # default dS chunk: enough columns per GEMM to keep tensor cores busy, little memory
-MIN_BLOCK = min(min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _configs())  # sizes per-block buffers
-
+# Forward tiles, largest first (the launch plan picks one), and per dtype family the BLOCK_K/warps/stages
+# the autotuner chooses among. fp32's IEEE dot keeps its operands in registers: narrower K, fewer stages.
+FWD_TILES = [(32, 32), (16, 16)] if INTERPRET else [(128, 128), (64, 128), (64, 64)]
+FWD_CONFIGS = ({"16bit": [config(1, 1, BLOCK_K=16)], "fp32": [config(1, 1, BLOCK_K=16)]} if INTERPRET else
+               {"16bit": [config(8, 3, BLOCK_K=64), config(4, 4, BLOCK_K=64), config(4, 4, BLOCK_K=32)],
+                "fp32": [config(8, 2, BLOCK_K=32), config(4, 2, BLOCK_K=16)]})
+BWD_CONFIGS = ({"16bit": [config(1, 1, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)],
+                "fp32": [config(1, 1, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)]} if INTERPRET else
+               {"16bit": [config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), config(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
+                          config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)],
+                "fp32": [config(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), config(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16)]})
 
 INTERPRET_DOT: tl.constexpr = tl.constexpr(INTERPRET)
 
@@ -60,11 +70,13 @@ def _scores_tile(img_ptr, txt_ptr, rows, cols, row_ok, col_ok, D, stride_img, st
                  BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALLOW_TF32: tl.constexpr):
     """I[rows] · T[cols]ᵀ accumulated in fp32 over D in BLOCK_K chunks → [BLOCK_M, BLOCK_N]."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    img_rows = img_ptr + rows.to(tl.int64)[:, None] * stride_img  # int64: C·D passes 2³¹ at a million columns
+    txt_rows = txt_ptr + cols.to(tl.int64)[:, None] * stride_txt
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < D
-        a = tl.load(img_ptr + rows[:, None] * stride_img + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        t = tl.load(txt_ptr + cols[:, None] * stride_txt + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(img_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        t = tl.load(txt_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         if INTERPRET_DOT:  # the interpreter's bf16 dot returns garbage (triton 3.8); bf16 products are exact in fp32
             a, t = a.to(tl.float32), t.to(tl.float32)
         if ALLOW_TF32:
@@ -74,19 +86,23 @@ def _scores_tile(img_ptr, txt_ptr, rows, cols, row_ok, col_ok, D, stride_img, st
     return acc
 
 
-@triton.autotune(configs=_configs(), key=["b", "C", "D"])
 @triton.jit
-def _lse_fwd_kernel(img_ptr, txt_ptr, row_lse_ptr, col_part_ptr, scale_ptr, b, C, P, D, stride_img, stride_txt,
+def _lse_fwd_kernel(img_ptr, txt_ptr, row_part_ptr, col_part_ptr, scale_ptr, b, C, P, D, tiles_per_split,
+                    stride_img, stride_txt,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALLOW_TF32: tl.constexpr):
-    pid = tl.program_id(0)
+    """Program (row block m, split s): row_part[s, rows] = LSE over the split's columns;
+    col_part[m, positive cols of the split] = LSE over the block's rows."""
+    pid_m, pid_s = tl.program_id(0), tl.program_id(1)
     scale = tl.load(scale_ptr)  # read on the device: no host sync for the learnable scale
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < b
+    n_begin = pid_s * tiles_per_split * BLOCK_N
+    n_end = tl.minimum(C, n_begin + tiles_per_split * BLOCK_N)
     m_row = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_row = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in range(0, C, BLOCK_N):
+    for n0 in range(n_begin, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < C
+        col_ok = cols < n_end
         s_tile = scale * _scores_tile(img_ptr, txt_ptr, rows, cols, row_ok, col_ok, D, stride_img, stride_txt,
                                       BLOCK_K, BLOCK_M, BLOCK_N, ALLOW_TF32)
         s_row = tl.where(col_ok[None, :], s_tile, float("-inf"))
@@ -97,17 +113,15 @@ def _lse_fwd_kernel(img_ptr, txt_ptr, row_lse_ptr, col_part_ptr, scale_ptr, b, C
             s_col = tl.where(row_ok[:, None], s_tile, float("-inf"))
             m_col = tl.max(s_col, axis=0)
             lse_col = m_col + tl.log(tl.sum(tl.exp(s_col - m_col[None, :]), axis=0))
-            tl.store(col_part_ptr + pid * P + cols, lse_col, mask=cols < P)
-    tl.store(row_lse_ptr + rows, m_row + tl.log(l_row), mask=row_ok)
+            tl.store(col_part_ptr + pid_m * P + cols, lse_col, mask=cols < P)
+    tl.store(row_part_ptr + pid_s * b + rows, m_row + tl.log(l_row), mask=row_ok)
 
 
-@triton.autotune(configs=_configs(), key=["b", "C", "D"], reset_to_zero=["dscale_ptr"])
 @triton.jit
-def _dscores_kernel(img_ptr, txt_ptr, row_lse_ptr, col_lse_ptr, ds_ptr, dscale_ptr, scale_ptr, coef_ptr, b, C, P, D, c0, chunk,
+def _dscores_kernel(img_ptr, txt_ptr, row_lse_ptr, col_lse_ptr, ds_ptr, scale_ptr, coef_ptr, b, C, P, D, c0, chunk,
                     stride_img, stride_txt, stride_ds,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALLOW_TF32: tl.constexpr,
-                    DETERMINISTIC: tl.constexpr):
-    """dS for columns [c0, c0 + chunk): coef·(softmax over the row + softmax over the column if positive)."""
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    """s·dS for columns [c0, c0 + chunk): s·coef·(softmax over the row + softmax over the column if positive)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     scale, coef = tl.load(scale_ptr), tl.load(coef_ptr)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -115,28 +129,42 @@ def _dscores_kernel(img_ptr, txt_ptr, row_lse_ptr, col_lse_ptr, ds_ptr, dscale_p
     cols = c0 + local
     row_ok = rows < b
     col_ok = (local < chunk) & (cols < C)
-    dot = _scores_tile(img_ptr, txt_ptr, rows, cols, row_ok, col_ok, D, stride_img, stride_txt,
-                       BLOCK_K, BLOCK_M, BLOCK_N, ALLOW_TF32)
-    s_tile = scale * dot
+    s_tile = scale * _scores_tile(img_ptr, txt_ptr, rows, cols, row_ok, col_ok, D, stride_img, stride_txt,
+                                  BLOCK_K, BLOCK_M, BLOCK_N, ALLOW_TF32)
     row_lse = tl.load(row_lse_ptr + rows, mask=row_ok, other=0.0)
     is_pos = cols < P
     col_lse = tl.load(col_lse_ptr + cols, mask=col_ok & is_pos, other=float("inf"))
     p = tl.exp(s_tile - row_lse[:, None]) + tl.exp(s_tile - col_lse[None, :])  # exp(-inf) = 0 off positives
     ok = row_ok[:, None] & col_ok[None, :]
-    ds = tl.where(ok, coef * p, 0.0)
-    tl.store(ds_ptr + rows[:, None] * stride_ds + local[None, :], ds.to(ds_ptr.dtype.element_ty), mask=ok)
-    dscale = tl.sum(tl.sum(ds * dot, axis=1), axis=0)  # ∂/∂s of Σ S·dS/… = Σ dS · (I·T)
-    if DETERMINISTIC:
-        tl.store(dscale_ptr + pid_m * tl.num_programs(1) + pid_n, dscale)
-    else:
-        tl.atomic_add(dscale_ptr, dscale)
+    ds = tl.where(ok, (scale * coef) * p, 0.0)
+    tl.store(ds_ptr + rows.to(tl.int64)[:, None] * stride_ds + local[None, :], ds.to(ds_ptr.dtype.element_ty), mask=ok)
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result (cuBLAS accumulates in fp32 and writes fp32 without a bf16 round trip)."""
+LSE_FWD = Tuned(_lse_fwd_kernel, FWD_CONFIGS, key=["b", "C", "D", "BLOCK_M", "BLOCK_N"])
+DSCORES = Tuned(_dscores_kernel, BWD_CONFIGS, key=["b", "C", "D", "chunk"])
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else INTERPRET_SMS
+
+
+def backward_chunk(b: int, C: int, element_size: int, chunk_columns: int | None) -> int:
+    """Columns of s·dS per backward step: `chunk_columns`, or what fits in CHUNK_BYTES; within [1, C]."""
+    return max(1, min(C, chunk_columns or CHUNK_BYTES // (b * element_size)))
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b in place, acc fp32: cuBLAS reads 16-bit a, b and accumulates into fp32 acc directly."""
     if a.is_cuda and a.dtype != torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:  # fp32 inputs, or the CPU (no mixed-dtype GEMM there)
+        acc.addmm_(a.float(), b.float())
 
 
 class _ClipLSE(torch.autograd.Function):
@@ -148,13 +176,13 @@ class _ClipLSE(torch.autograd.Function):
         C = txt_CD.shape[0]
         img_BD, txt_CD = _rows_unit_stride(img_BD), _rows_unit_stride(txt_CD)
         scale_f32 = scale.detach().float().reshape(1)
-        row_lse_B = torch.empty(b, device=img_BD.device, dtype=torch.float32)
-        blocks = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]),)  # noqa: E731
-        # The row-block count depends on the autotuned BLOCK_M: size the partials for the smallest one
-        # (unwritten rows stay -inf and drop out of the logsumexp).
-        col_part_MP = torch.full((triton.cdiv(b, MIN_BLOCK), num_pos), float("-inf"), device=img_BD.device, dtype=torch.float32)
-        _lse_fwd_kernel[blocks](img_BD, txt_CD, row_lse_B, col_part_MP, scale_f32, b, C, num_pos, D,
-                                img_BD.stride(0), txt_CD.stride(0), ALLOW_TF32=allow_tf32)
+        plan = forward_plan(b, C, D, num_sms(img_BD.device), FWD_TILES)
+        row_part_SB = torch.empty(plan.splits, b, device=img_BD.device, dtype=torch.float32)
+        col_part_MP = torch.empty(plan.row_blocks, num_pos, device=img_BD.device, dtype=torch.float32)
+        LSE_FWD.launch(plan.grid, img_BD.dtype, deterministic, img_BD, txt_CD, row_part_SB, col_part_MP, scale_f32,
+                       b, C, num_pos, D, plan.tiles_per_split, img_BD.stride(0), txt_CD.stride(0),
+                       BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, ALLOW_TF32=allow_tf32)
+        row_lse_B = torch.logsumexp(row_part_SB, dim=0)
         col_lse_P = torch.logsumexp(col_part_MP, dim=0)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
             world = dist.get_world_size(group)
@@ -173,27 +201,21 @@ class _ClipLSE(torch.autograd.Function):
         b, D = img_BD.shape
         C = txt_CD.shape[0]
         coef = (grad_out.detach().float() / (2 * b)).reshape(1)  # stays on the device
-        chunk = chunk_columns or CHUNK_BYTES // (b * img_BD.element_size())
-        chunk = max(MIN_BLOCK, min(C, chunk))
-        grad_img_BD = torch.zeros(b, D, device=img_BD.device, dtype=torch.float32)
+        chunk = backward_chunk(b, C, img_BD.element_size(), chunk_columns)
+        grad_img_acc_BD = torch.zeros(b, D, device=img_BD.device, dtype=torch.float32)
         grad_txt_CD = torch.empty(txt_CD.shape, device=txt_CD.device, dtype=txt_CD.dtype)
-        ds_chunk = torch.empty(b, chunk, device=img_BD.device, dtype=img_BD.dtype)
-        dscale = torch.zeros(triton.cdiv(b, MIN_BLOCK) * triton.cdiv(chunk, MIN_BLOCK) if deterministic else 1,
-                             device=img_BD.device, dtype=torch.float32)
-        dscale_total = torch.zeros((), device=img_BD.device, dtype=torch.float32)
+        sds_chunk = torch.empty(b, chunk, device=img_BD.device, dtype=img_BD.dtype)
         for c0 in range(0, C, chunk):
             width = min(chunk, C - c0)
             grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))  # noqa: E731
-            dscale.zero_()
-            _dscores_kernel[grid](img_BD, txt_CD, row_lse_B, col_lse_P, ds_chunk, dscale, scale_f32, coef, b, C, num_pos, D,
-                                  c0, width, img_BD.stride(0), txt_CD.stride(0), ds_chunk.stride(0),
-                                  ALLOW_TF32=allow_tf32, DETERMINISTIC=deterministic)
-            dscale_total += dscale.sum()
-            ds_BW = ds_chunk[:, :width]
-            grad_img_BD += _mm_fp32(ds_BW, txt_CD[c0:c0 + width])
-            grad_txt_CD[c0:c0 + width] = (_mm_fp32(ds_BW.T, img_BD) * scale_f32).to(txt_CD.dtype)
-        grad_img_BD = (grad_img_BD * scale_f32).to(img_BD.dtype)
-        return grad_img_BD, grad_txt_CD, dscale_total.reshape(()), None, None, None, None, None, None
+            DSCORES.launch(grid, img_BD.dtype, deterministic, img_BD, txt_CD, row_lse_B, col_lse_P, sds_chunk,
+                           scale_f32, coef, b, C, num_pos, D, c0, width, img_BD.stride(0), txt_CD.stride(0),
+                           sds_chunk.stride(0), ALLOW_TF32=allow_tf32)
+            sds_BW = sds_chunk[:, :width]
+            _addmm_fp32_(grad_img_acc_BD, sds_BW, txt_CD[c0:c0 + width])
+            torch.mm(sds_BW.T, img_BD, out=grad_txt_CD[c0:c0 + width])
+        grad_scale = (grad_img_acc_BD * img_BD).sum() / scale_f32[0]
+        return grad_img_acc_BD.to(img_BD.dtype), grad_txt_CD, grad_scale, None, None, None, None, None, None
 
 
 def clip_loss(img_BD: torch.Tensor, txt_CD: torch.Tensor, scale: torch.Tensor, num_pos: int, row_offset: int = 0,
