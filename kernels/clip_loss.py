@@ -44,23 +44,36 @@ import triton.language as tl
 
 from kernels import _rows_unit_stride
 from kernels.launch_plan import forward_plan
-from kernels.tuning import INTERPRET, Tuned, config
+from kernels.tuning import INTERPRET, Tuned, config, family
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK_BYTES = 8 * 2**20  # default s·dS chunk: enough columns per GEMM to keep tensor cores busy, little memory
 INTERPRET_SMS = 4  # the SM count the launch plan assumes under the CPU interpreter (tests change it)
 
-# Forward tiles, largest first (the launch plan picks one), and per dtype family the BLOCK_K/warps/stages
-# the autotuner chooses among. fp32's IEEE dot keeps its operands in registers: narrower K, fewer stages.
-FWD_TILES = [(32, 32), (16, 16)] if INTERPRET else [(128, 128), (64, 128), (64, 64)]
-FWD_CONFIGS = ({"16bit": [config(1, 1, BLOCK_K=16)], "fp32": [config(1, 1, BLOCK_K=16)]} if INTERPRET else
-               {"16bit": [config(8, 3, BLOCK_K=64), config(4, 4, BLOCK_K=64), config(4, 4, BLOCK_K=32)],
-                "fp32": [config(8, 2, BLOCK_K=32), config(4, 2, BLOCK_K=16)]})
-BWD_CONFIGS = ({"16bit": [config(1, 1, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)],
-                "fp32": [config(1, 1, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)]} if INTERPRET else
-               {"16bit": [config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), config(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
-                          config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)],
-                "fp32": [config(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), config(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16)]})
+# The forward's configs per dtype family and tile (largest first: the launch plan picks the tile, the
+# autotuner BLOCK_K, warps and stages); the backward's per family (its tile is autotuned). fp32's IEEE dot
+# keeps its operands in registers: smaller tiles, narrower K, fewer stages. tests/kernels/test_compile.py
+# builds every one of these for sm_80/sm_90a/sm_100a.
+GPU_FWD_CONFIGS = {
+    "16bit": {(128, 128): [config(8, 3, BLOCK_K=64), config(8, 4, BLOCK_K=32)],
+              (64, 128): [config(4, 3, BLOCK_K=64), config(8, 3, BLOCK_K=64)],
+              (64, 64): [config(4, 3, BLOCK_K=64), config(4, 4, BLOCK_K=32)]},
+    "fp32": {(64, 128): [config(8, 2, BLOCK_K=32)],
+             (64, 64): [config(8, 2, BLOCK_K=32), config(4, 2, BLOCK_K=16)]},
+}
+GPU_BWD_CONFIGS = {"16bit": [config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), config(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
+                             config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)],
+                   "fp32": [config(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), config(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16)]}
+# The interpreter: small tiles, one config each (tests swap in several, with a benchmark that runs them).
+_INTERPRET_FWD = {(32, 32): [config(1, 1, BLOCK_K=16)], (16, 16): [config(1, 1, BLOCK_K=16)]}
+FWD_CONFIGS = {"16bit": _INTERPRET_FWD, "fp32": _INTERPRET_FWD} if INTERPRET else GPU_FWD_CONFIGS
+BWD_CONFIGS = ({fam: [config(1, 1, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)] for fam in FWD_CONFIGS} if INTERPRET else
+               GPU_BWD_CONFIGS)
+
+
+def fwd_group(fam: str, tile: tuple[int, int]) -> str:
+    return f"{fam}/{tile[0]}x{tile[1]}"
+
 
 INTERPRET_DOT: tl.constexpr = tl.constexpr(INTERPRET)
 
@@ -140,7 +153,8 @@ def _dscores_kernel(img_ptr, txt_ptr, row_lse_ptr, col_lse_ptr, ds_ptr, scale_pt
     tl.store(ds_ptr + rows.to(tl.int64)[:, None] * stride_ds + local[None, :], ds.to(ds_ptr.dtype.element_ty), mask=ok)
 
 
-LSE_FWD = Tuned(_lse_fwd_kernel, FWD_CONFIGS, key=["b", "C", "D", "BLOCK_M", "BLOCK_N"])
+LSE_FWD = Tuned(_lse_fwd_kernel, {fwd_group(fam, tile): cfgs for fam, tiles in FWD_CONFIGS.items() for tile, cfgs in tiles.items()},
+                key=["b", "C", "D"])
 DSCORES = Tuned(_dscores_kernel, BWD_CONFIGS, key=["b", "C", "D", "chunk"])
 
 
@@ -176,10 +190,11 @@ class _ClipLSE(torch.autograd.Function):
         C = txt_CD.shape[0]
         img_BD, txt_CD = _rows_unit_stride(img_BD), _rows_unit_stride(txt_CD)
         scale_f32 = scale.detach().float().reshape(1)
-        plan = forward_plan(b, C, D, num_sms(img_BD.device), FWD_TILES)
+        fam = family(img_BD.dtype)
+        plan = forward_plan(b, C, D, num_sms(img_BD.device), list(FWD_CONFIGS[fam]))
         row_part_SB = torch.empty(plan.splits, b, device=img_BD.device, dtype=torch.float32)
         col_part_MP = torch.empty(plan.row_blocks, num_pos, device=img_BD.device, dtype=torch.float32)
-        LSE_FWD.launch(plan.grid, img_BD.dtype, deterministic, img_BD, txt_CD, row_part_SB, col_part_MP, scale_f32,
+        LSE_FWD.launch(plan.grid, fwd_group(fam, (plan.block_m, plan.block_n)), deterministic, img_BD, txt_CD, row_part_SB, col_part_MP, scale_f32,
                        b, C, num_pos, D, plan.tiles_per_split, img_BD.stride(0), txt_CD.stride(0),
                        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, ALLOW_TF32=allow_tf32)
         row_lse_B = torch.logsumexp(row_part_SB, dim=0)
@@ -208,7 +223,7 @@ class _ClipLSE(torch.autograd.Function):
         for c0 in range(0, C, chunk):
             width = min(chunk, C - c0)
             grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))  # noqa: E731
-            DSCORES.launch(grid, img_BD.dtype, deterministic, img_BD, txt_CD, row_lse_B, col_lse_P, sds_chunk,
+            DSCORES.launch(grid, family(img_BD.dtype), deterministic, img_BD, txt_CD, row_lse_B, col_lse_P, sds_chunk,
                            scale_f32, coef, b, C, num_pos, D, c0, width, img_BD.stride(0), txt_CD.stride(0),
                            sds_chunk.stride(0), ALLOW_TF32=allow_tf32)
             sds_BW = sds_chunk[:, :width]

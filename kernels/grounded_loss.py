@@ -102,6 +102,12 @@ def _grounded_kernel(img_ptr, txt_ptr, t_img_ptr, t_txt_ptr, terms_ptr, d_img_pt
     tl.store(d_txt_ptr + neg_rows[:, None] * stride_d_txt + ds[None, :], d_neg_KD.to(d_txt_ptr.dtype.element_ty), mask=kd_ok)
 
 
+def launch_meta(K: int, D: int) -> dict:
+    """The kernel's constexpr blocks and warps for K negatives of width D (one program holds a sample's rows)."""
+    block_d = triton.next_power_of_2(D)
+    return {"BLOCK_K": triton.next_power_of_2(max(K, 1)), "BLOCK_D": block_d, "num_warps": 4 if block_d <= 1024 else 8}
+
+
 class _Grounded(torch.autograd.Function):
     @staticmethod
     def forward(ctx, img_BD, txt_ND, scale, t_img_BD, t_txt_ND, K, w_igc, w_tgc, w_distill, tau):
@@ -115,14 +121,12 @@ class _Grounded(torch.autograd.Function):
         d_scale_B = torch.empty(b, device=img_BD.device, dtype=torch.float32)
         d_img_BD = torch.empty(img_BD.shape, device=img_BD.device, dtype=img_BD.dtype)
         d_txt_ND = torch.empty(txt_ND.shape, device=txt_ND.device, dtype=txt_ND.dtype)
-        block_d = triton.next_power_of_2(D)
         _grounded_kernel[(b,)](img_BD, txt_ND, t_img_BD, t_txt_ND, terms_B3, d_img_BD, d_txt_ND, d_scale_B,
                                scale.detach().float().reshape(1), float(tau), w_igc / b, w_tgc / b, float(w_distill), b, K, D,
                                img_BD.stride(0), txt_ND.stride(0), t_img_BD.stride(0), t_txt_ND.stride(0),
                                d_img_BD.stride(0), d_txt_ND.stride(0),
                                HAS_IGC=has_igc, HAS_TGC=has_tgc, HAS_DISTILL=has_distill,
-                               BLOCK_K=triton.next_power_of_2(max(K, 1)), BLOCK_D=block_d,
-                               num_warps=4 if block_d <= 1024 else 8)
+                               **launch_meta(K, D))
         igc, tgc = terms_B3[:, 0].mean(), terms_B3[:, 1].mean()
         distill = terms_B3[:, 2].sum()
         ctx.save_for_backward(d_img_BD, d_txt_ND, d_scale_B.sum())

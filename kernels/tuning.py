@@ -1,7 +1,9 @@
-"""Autotuned launches with swappable config lists, one list per input-dtype family.
+"""Autotuned launches with swappable config lists, one list per group of launches.
 
-A kernel's configs differ between 16-bit inputs (tensor cores) and fp32 inputs (the IEEE FMA dot, which
-spills with the 16-bit tiles), so each family gets its own `triton.autotune` around the same JIT function.
+A kernel's good configs differ between 16-bit inputs (tensor cores) and fp32 inputs (the IEEE FMA dot,
+which spills with the 16-bit tiles), and between tile shapes when the tile is fixed by a launch plan
+(a 128×128 tile needs 8 warps), so each group ("16bit", "fp32/64x64", …) gets its own `triton.autotune`
+around the same JIT function.
 The lists are data, not code: tests replace them (`Tuned.use`) with several configs of different block
 sizes and a `do_bench` that really runs the kernel, which is how the autotuner's side effects
 (every config writes the outputs while it is timed) are checked on the CPU interpreter.
@@ -19,10 +21,10 @@ import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-FAMILIES = ("16bit", "fp32")
 
 
 def family(dtype: torch.dtype) -> str:
+    """The dtype family a config list is for: tensor-core 16-bit inputs or fp32."""
     return "fp32" if dtype == torch.float32 else "16bit"
 
 
@@ -36,7 +38,7 @@ def pinned_kwargs(cfg: triton.Config) -> dict:
 
 
 class Tuned:
-    """A JIT kernel with autotune config lists per dtype family; `launch` picks the family's tuner."""
+    """A JIT kernel with an autotune config list per group; `launch` uses the group's tuner."""
 
     def __init__(self, fn, configs: dict[str, list[triton.Config]], key: list[str], **autotune_kwargs):
         self.fn, self.key, self.autotune_kwargs = fn, key, autotune_kwargs
@@ -45,25 +47,24 @@ class Tuned:
     def _set(self, configs: dict[str, list[triton.Config]], do_bench: Callable | None) -> None:
         self.configs = configs
         extra = {"do_bench": do_bench} if do_bench is not None else {}  # triton ≥ 3.2; the default times on a GPU
-        self.tuners = {fam: triton.autotune(configs=cfgs, key=self.key, **self.autotune_kwargs, **extra)(self.fn)
-                       for fam, cfgs in configs.items()}
+        self.tuners = {group: triton.autotune(configs=cfgs, key=self.key, **self.autotune_kwargs, **extra)(self.fn)
+                       for group, cfgs in configs.items()}
 
-    def launch(self, grid, dtype: torch.dtype, deterministic: bool, *args, **kwargs) -> None:
-        fam = family(dtype)
+    def launch(self, grid, group: str, deterministic: bool, *args, **kwargs) -> None:
         if deterministic:
-            self.fn[grid](*args, **kwargs, **pinned_kwargs(self.configs[fam][0]))
+            self.fn[grid](*args, **kwargs, **pinned_kwargs(self.configs[group][0]))
         else:
-            self.tuners[fam][grid](*args, **kwargs)
+            self.tuners[group][grid](*args, **kwargs)
 
-    def chosen(self, dtype: torch.dtype) -> list[triton.Config]:
-        """The configs the family's autotuner has picked so far (one per tuning key)."""
-        return list(self.tuners[family(dtype)].cache.values())
+    def chosen(self) -> list[triton.Config]:
+        """The configs the autotuners have picked so far (one per group and tuning key)."""
+        return [cfg for tuner in self.tuners.values() for cfg in tuner.cache.values()]
 
     @contextmanager
-    def use(self, configs: list[triton.Config] | dict[str, list[triton.Config]], do_bench: Callable | None = None):
-        """Swap the config lists (one list: for every family) and the benchmark, with fresh caches."""
+    def use(self, configs: list[triton.Config], do_bench: Callable | None = None):
+        """Give every group these configs and this benchmark, with fresh caches, until the block ends."""
         saved = self.configs
-        self._set(configs if isinstance(configs, dict) else {fam: configs for fam in FAMILIES}, do_bench)
+        self._set({group: configs for group in saved}, do_bench)
         try:
             yield self
         finally:

@@ -50,7 +50,7 @@ def test_first_autotuned_call_matches_reference(fwd_set, bwd_set, winner, monkey
     with cl.LSE_FWD.use(fwd_cfgs, running_bench(timings(len(fwd_cfgs)), fwd_calls)), \
             cl.DSCORES.use(bwd_cfgs, running_bench(timings(len(bwd_cfgs)), bwd_calls)):
         got = loss_and_grads(lambda i, t, s: cl.clip_loss(i, t, s, num_pos=b, chunk_columns=64), img, txt, scale)
-        chosen_fwd, chosen_bwd = cl.LSE_FWD.chosen(torch.float32), cl.DSCORES.chosen(torch.float32)
+        chosen_fwd, chosen_bwd = cl.LSE_FWD.chosen(), cl.DSCORES.chosen()
     assert len(fwd_calls) == len(fwd_cfgs) and len(bwd_calls) >= len(bwd_cfgs), "every config was timed"
     want_fwd = fwd_cfgs[0] if winner == "first" else fwd_cfgs[-1]
     assert chosen_fwd == [want_fwd] and (bwd_cfgs[0] if winner == "first" else bwd_cfgs[-1]) in chosen_bwd
@@ -62,7 +62,7 @@ def test_first_autotuned_call_matches_reference(fwd_set, bwd_set, winner, monkey
 @pytest.mark.parametrize("b,C", [(37, 148), (5, 77), (64, 193)])
 def test_forward_splits_at_odd_shapes(b, C, sms, monkeypatch):
     monkeypatch.setattr(cl, "INTERPRET_SMS", sms)
-    plan = forward_plan(b, C, 24, sms, cl.FWD_TILES)
+    plan = forward_plan(b, C, 24, sms, list(cl.FWD_CONFIGS["fp32"]))
     if sms == 64:
         assert plan.splits > 1, plan
     g = torch.Generator().manual_seed(1)
@@ -75,7 +75,7 @@ def test_forward_splits_at_odd_shapes(b, C, sms, monkeypatch):
         torch.testing.assert_close(g_, w, rtol=1e-5, atol=1e-6)
 
 
-GPU_TILES = [(128, 128), (64, 128), (64, 64)]  # the compiled kernels' tiles (kernels.clip_loss off the interpreter)
+GPU_TILES = list(cl.GPU_FWD_CONFIGS["16bit"])  # the compiled bf16/fp16 kernels' tiles
 
 
 @pytest.mark.parametrize("b", [256, 512, 1024, 4096, 16384])
@@ -132,7 +132,7 @@ def test_objective_deterministic_gives_bit_identical_losses(tmp_path):
             img, txt = (t.clone().requires_grad_(True) for t in x[:2])
             out = objective_loss(cfg, img, txt, scale, x[2], x[3])
             out.total.backward()
-            chosen = cl.LSE_FWD.chosen(torch.float32) + cl.DSCORES.chosen(torch.float32)
+            chosen = cl.LSE_FWD.chosen() + cl.DSCORES.chosen()
         return [out.total.detach(), out.clip.detach(), img.grad, txt.grad], chosen
 
     tuned = [one_run(favoured, deterministic=False) for favoured in (0, 1)]
