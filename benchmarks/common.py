@@ -33,8 +33,10 @@ def print_written(*paths: Path) -> None:
     print("wrote " + ", ".join(str(p) for p in paths))
 
 
-def kernel_sweep_args(argv, description: str, default_K: list[int], tiny_K: list[int], name: str):
-    """The kernel benchmarks' shared command line: B/K/D sweep, dtype, reps, --tiny CPU smoke run, output;
+def kernel_sweep_args(argv, description: str, default_K: list[int], tiny_K: list[int], name: str,
+                      extra: list[tuple[str, dict]] = (), needs_device=lambda args: True):
+    """The kernel benchmarks' shared command line: B/K/D sweep, dtype, reps, --tiny CPU smoke run, output,
+    and `extra` (flag, add_argument keywords) of the script's own; `needs_device(args)` False skips the device check;
     → (parsed args with --tiny applied, the device to run on: see `device_for_kernels`)."""
     import argparse
 
@@ -45,9 +47,11 @@ def kernel_sweep_args(argv, description: str, default_K: list[int], tiny_K: list
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--tiny", action="store_true", help=f"CPU smoke run: B ∈ {{16, 32}}, K ∈ {set(tiny_K)}, D=32, 3 reps")
+    for flag, kwargs in extra:
+        parser.add_argument(flag, **kwargs)
     add_output_args(parser, name)
     args = parser.parse_args(argv)
-    device = device_for_kernels(parser, args.tiny)
+    device = device_for_kernels(parser, args.tiny) if needs_device(args) else "cpu"
     if args.tiny:
         args.B, args.K, args.D, args.reps = [16, 32], tiny_K, [32], 3
     return args, device
@@ -56,18 +60,30 @@ def kernel_sweep_args(argv, description: str, default_K: list[int], tiny_K: list
 BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
+# HBM bandwidth, TB/s (vendor datasheets; SXM unless named): the memory roofline of the traffic models.
+HBM_TBPS = {"H100 PCIe": 2.0, "H100": 3.35, "H200": 4.8, "A100": 2.04, "L40S": 0.864, "A10": 0.6}
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"CPU ({os.cpu_count()} cores)" + (", Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "")
 
 
-def bf16_peak_tflops() -> float | None:
+def _for_device(table: dict[str, float]) -> float | None:
     name = device_name()
-    for key in sorted(BF16_PEAK_TFLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
+    for key in sorted(table, key=len, reverse=True):  # "H100 PCIe" before "H100"
         if key in name:
-            return BF16_PEAK_TFLOPS[key]
+            return table[key]
     return None
+
+
+def bf16_peak_tflops() -> float | None:
+    return _for_device(BF16_PEAK_TFLOPS)
+
+
+def hbm_tbps() -> float | None:
+    return _for_device(HBM_TBPS)
 
 
 def environment() -> dict:

@@ -24,7 +24,7 @@ no atomics, no extra output. dI and dT stay in cuBLAS rather than inside the ker
 backward) because D (512–1280) is 4–10× an attention head: a program's [BLOCK_M, D] fp32 dI
 accumulator does not fit on chip, so fusing would mean per-tile atomics on dI or recomputing S per D
 slab. Memory: the saved tensors are the inputs plus b + B LSEs, O((b + C)·D); the transients are one
-s·dS chunk of b × `chunk_columns` (by default sized to `CHUNK_BYTES`) and the fp32 dI accumulator.
+s·dS chunk of b × `chunk_columns` (by default `backward_chunk`) and the fp32 dI accumulator.
 
 Multi-rank: rank r differentiates the t2i terms of *every* positive column through its own image rows,
 so its gradients are not ∂L_r but their sum over ranks is ∂(Σ_r L_r): after the all-gather's
@@ -47,7 +47,7 @@ from kernels.launch_plan import forward_plan
 from kernels.tuning import INTERPRET, Tuned, config, family
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-CHUNK_BYTES = 8 * 2**20  # default s·dS chunk: enough columns per GEMM to keep tensor cores busy, little memory
+CHUNK_BYTES = 8 * 2**20  # s·dS chunk floor: enough columns per GEMM to keep tensor cores busy, little memory
 INTERPRET_SMS = 4  # the SM count the launch plan assumes under the CPU interpreter (tests change it)
 
 # The forward's configs per dtype family and tile (largest first: the launch plan picks the tile, the
@@ -168,9 +168,14 @@ def num_sms(device: torch.device) -> int:
         if device.type == "cuda" else INTERPRET_SMS
 
 
-def backward_chunk(b: int, C: int, element_size: int, chunk_columns: int | None) -> int:
-    """Columns of s·dS per backward step: `chunk_columns`, or what fits in CHUNK_BYTES; within [1, C]."""
-    return max(1, min(C, chunk_columns or CHUNK_BYTES // (b * element_size)))
+def backward_chunk(b: int, C: int, D: int, element_size: int, chunk_columns: int | None) -> int:
+    """Columns of s·dS per backward step (within [1, C]): `chunk_columns`, or the larger of what fits in
+    CHUNK_BYTES and the width at which re-reading and re-writing the fp32 dI accumulator (b·D·(8 + e)
+    bytes per chunk) costs at most half the chunk's own s·dS traffic (written once, read twice: 3·b·chunk·e)."""
+    if chunk_columns is None:
+        e = element_size
+        chunk_columns = max(CHUNK_BYTES // (b * e), -(-2 * D * (8 + e) // (3 * e)))
+    return max(1, min(C, chunk_columns))
 
 
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -216,7 +221,7 @@ class _ClipLSE(torch.autograd.Function):
         b, D = img_BD.shape
         C = txt_CD.shape[0]
         coef = (grad_out.detach().float() / (2 * b)).reshape(1)  # stays on the device
-        chunk = backward_chunk(b, C, img_BD.element_size(), chunk_columns)
+        chunk = backward_chunk(b, C, D, img_BD.element_size(), chunk_columns)
         grad_img_acc_BD = torch.zeros(b, D, device=img_BD.device, dtype=torch.float32)
         grad_txt_CD = torch.empty(txt_CD.shape, device=txt_CD.device, dtype=txt_CD.dtype)
         sds_chunk = torch.empty(b, chunk, device=img_BD.device, dtype=img_BD.dtype)

@@ -119,3 +119,17 @@ def test_replication_script_on_tiny_data(tmp_path):
     report = stem.with_suffix(".md").read_text()
     assert "| degla_official_tgc |" in report and "Command:" in report
     assert stem.with_suffix(".png").stat().st_size > 5_000
+
+
+def test_traffic_model_prints_the_sweep_and_the_data_parallel_shape(capsys):
+    """--model needs no GPU; each line's bytes are at least what the passes must touch once."""
+    bench_clip_loss.main(["--model", "H100", "--B", "4096", "--K", "4", "--D", "768"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["H100 bf16 global b=4096 C=20480 D=768",
+                                                      "H100 bf16 data-parallel b=256 C=81920 D=768"]
+    for (b, C), line in zip([(4096, 20480), (256, 81920)], lines):
+        fwd_mb, bwd_mb = (float(part.split(" MB")[0].split()[-1].replace(",", "")) for part in line.split(";"))
+        inputs_mb = (b + C) * 768 * 2 / 1e6
+        assert fwd_mb >= inputs_mb  # read I and T once
+        assert bwd_mb >= inputs_mb + 3 * b * C * 2 / 1e6 + 2 * C * 768 * 2 / 1e6  # + s·dS thrice, T again, dT out
+        assert "TB/s" in line and "TFLOP/s" in line
