@@ -181,9 +181,12 @@ def backward_chunk(b: int, C: int, D: int, element_size: int, chunk_columns: int
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b in place, acc fp32: cuBLAS reads 16-bit a, b and accumulates into fp32 acc directly."""
     if a.is_cuda and a.dtype != torch.float32:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:  # fp32 inputs, or the CPU (no mixed-dtype GEMM there)
-        acc.addmm_(a.float(), b.float())
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (TypeError, NotImplementedError):  # a torch without the mixed-dtype addmm (< 2.8): upcast below
+            pass
+    acc.addmm_(a.float(), b.float())  # fp32 inputs, or the CPU (no mixed-dtype GEMM there)
 
 
 class _ClipLSE(torch.autograd.Function):
