@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (add_output_args, append_rows, bf16_peak_tflops, environment, percentiles,  # noqa: E402
                                print_written)
 from degla_scale.config import load_config  # noqa: E402
-from degla_scale.trainer import build_engine, init_runtime, objective_loss  # noqa: E402  (picks the DeepSpeed accelerator first)
+from degla_scale.engine import build_engine, init_runtime  # noqa: E402  (picks the DeepSpeed accelerator first)
+from degla_scale.trainer import objective_loss  # noqa: E402
 from degla_scale import distributed as D  # noqa: E402
 
 PHASES = ("data", "teacher_fwd", "student_fwd", "backward", "optimizer", "ema")

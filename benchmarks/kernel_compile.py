@@ -29,7 +29,7 @@ def markdown(builds: list[aot.Build], command: str, seconds: float) -> str:
     import torch
     import triton
 
-    lines = [f"# Kernel compile report\n",
+    lines = ["# Kernel compile report\n",
              f"- Command: `{command}`",
              f"- Date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
              f"triton {triton.__version__}, torch {torch.__version__}; built on the CPU, no GPU",

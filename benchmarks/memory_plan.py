@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import print_written  # noqa: E402
 from degla_scale.config import Config, load_config  # noqa: E402
 from degla_scale.models import build_model  # noqa: E402
-from degla_scale.trainer import reduce_bucket_elements  # noqa: E402
+from degla_scale.engine import reduce_bucket_elements  # noqa: E402
 
 GIB = 2**30
 

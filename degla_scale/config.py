@@ -236,6 +236,9 @@ class CheckpointConfig:
         _check(self.resume in ("auto", "none"), f"checkpoint.resume={self.resume!r} must be auto or none")
 
 
+EVAL_SUITES = ("sugarcrepe", "aro", "valse", "zeroshot", "retrieval")  # degla_scale.eval runs them
+
+
 @dataclass
 class EvalConfig:
     data_root: str = "data/synthetic"
@@ -260,12 +263,10 @@ class EvalConfig:
     """Images or texts per evaluation batch."""
 
     def __post_init__(self):
-        from degla_scale.eval import SUITES
-
         _check(self.batch_size >= 1, f"evaluation.batch_size={self.batch_size} must be >= 1")
-        unknown = [s for s in self.suites if s not in SUITES]
+        unknown = [s for s in self.suites if s not in EVAL_SUITES]
         _check(bool(self.suites) and not unknown,
-               f"evaluation.suites={self.suites} names unknown suites {unknown}: choose from {list(SUITES)}")
+               f"evaluation.suites={self.suites} names unknown suites {unknown}: choose from {list(EVAL_SUITES)}")
 
 
 @dataclass

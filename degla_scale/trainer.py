@@ -4,7 +4,6 @@ Shapes: images [b, 3, H, W]; tokens [b·(1+K), L]; embeddings img_BD [b, D], txt
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections import Counter
@@ -24,6 +23,7 @@ from degla_scale import checkpoint, run_config  # noqa: E402
 from degla_scale.cli import notice  # noqa: E402
 from degla_scale import distributed as D  # noqa: E402
 from degla_scale.config import Config, ConfigError  # noqa: E402
+from degla_scale.engine import Teacher, build_engine, init_runtime  # noqa: E402
 from degla_scale.data.reader import (  # noqa: E402
     Batch, DataPosition, ShardReader, list_shards, peek_num_negatives, read_manifest,
 )
@@ -31,15 +31,12 @@ from degla_scale.data.mds import MDSReader, mds_stats  # noqa: E402
 from degla_scale.logs import RunLog, plot_loss_curves  # noqa: E402
 from degla_scale.export import engine_state_dict  # noqa: E402
 from degla_scale.models import (  # noqa: E402
-    MAX_LOGIT_SCALE, build_model, check_model, image_transform, open_clip_layout, tokenizer,
+    MAX_LOGIT_SCALE, check_model, image_transform, open_clip_layout, tokenizer,
 )
 from degla_scale.objective import DeGLALoss, degla_loss  # noqa: E402
-from degla_scale.teacher import EMATeacher  # noqa: E402
-from degla_scale.teacher_sharded import ShardedEMATeacher, ZeRO3EMATeacher  # noqa: E402
 from degla_scale.telemetry import Telemetry  # noqa: E402
 
 LOSS_TERMS = ("total", "clip", "igc", "tgc", "distill")
-Teacher = EMATeacher | ShardedEMATeacher | ZeRO3EMATeacher
 
 
 def check_data(cfg: Config) -> int:
@@ -83,74 +80,6 @@ def build_reader(cfg: Config, rank: int, world: int) -> ShardReader | MDSReader:
     return ShardReader([list_shards(p) for p in paths], shuffle_buffer=d.shuffle_buffer, rank=rank, world=world, **common)
 
 
-def build_ds_config(cfg: Config, bf16: bool, on_cuda: bool, num_params: int, load_universal: bool = False) -> dict:
-    ds = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.schedule.grad_accum,
-        "zero_optimization": zero_section(cfg, on_cuda, num_params),
-        "bf16": {"enabled": bf16},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    if cfg.optim.grad_clip > 0:
-        ds["gradient_clipping"] = cfg.optim.grad_clip
-    if load_universal:  # resuming on another number of ranks (checkpoint.prepare made the universal copy)
-        ds["checkpoint"] = {"load_universal": True}
-    return ds
-
-
-REDUCE_BUCKET_ELEMENTS = 50_000_000  # DeepSpeed's default is 5e8: a 1-2 GB buffer whatever the model's size
-
-
-def reduce_bucket_elements(num_params: int) -> int:
-    """Gradient reduce/all-gather bucket: DeepSpeed allocates it whole, so never larger than the model
-    (rounded up to a multiple of 1024, as its alignment checks want an even size)."""
-    return -(-min(REDUCE_BUCKET_ELEMENTS, num_params) // 1024) * 1024
-
-
-def zero_section(cfg: Config, on_cuda: bool, num_params: int) -> dict:
-    """DeepSpeed's zero_optimization block for the config's stage and offload choices."""
-    z = cfg.zero
-    section: dict = {"stage": z.stage}
-    if z.stage >= 1:
-        bucket = reduce_bucket_elements(num_params)
-        section.update(contiguous_gradients=True, overlap_comm=on_cuda,  # overlap needs CUDA streams
-                       reduce_bucket_size=bucket, allgather_bucket_size=bucket)
-    if z.offload_optimizer == "cpu":
-        section["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
-    if z.offload_params == "cpu":
-        section["offload_param"] = {"device": "cpu", "pin_memory": on_cuda}
-    return section
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config, fused: bool) -> torch.optim.Optimizer:
-    """AdamW; like open_clip, no weight decay on gains, biases and the logit scale."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        exempt = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-        (no_decay if exempt else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.zero.offload_optimizer == "cpu":  # the step runs on CPU tensors: DeepSpeed's vectorised Adam
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                             **({"fused": True} if fused else {}))
-
-
-def lr_lambda(warmup: int, total: int):
-    """Linear warm-up to the peak, then cosine to zero at `total` optimizer steps."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return factor
-
-
 @dataclass
 class Run:
     """Everything the loop needs, built once by `setup()`."""
@@ -186,55 +115,6 @@ def preflight(cfg: Config) -> int:
         raise ConfigError("objective.backend=triton needs CUDA (or TRITON_INTERPRET=1, Triton's slow CPU interpreter): "
                           "use objective.backend=auto")
     return check_data(cfg)
-
-
-def init_runtime(cfg: Config) -> tuple[torch.device, bool]:
-    """Process group, this rank's device (and CPU thread share), and whether to train in bf16."""
-    D.ensure_launcher_env()
-    deepspeed.init_distributed(dist_backend=accelerator.dist_backend())
-    from deepspeed.accelerator import get_accelerator
-
-    if accelerator.configure() == "cuda":
-        device = torch.device(get_accelerator().device_name(), get_accelerator().current_device())
-    else:  # share the cores between the ranks on this machine, leaving one per data worker:
-        # oversubscribed cores make OpenMP threads spin-wait, which costs more than a thread gains
-        device = torch.device("cpu")
-        local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", D.world_size())))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world - cfg.data.num_workers))
-    bf16 = cfg.zero.precision == "bf16" or (cfg.zero.precision == "auto" and device.type == "cuda")
-    return device, bf16
-
-
-def build_engine(cfg: Config, device: torch.device, bf16: bool, total_steps: int, load_weights: bool = True,
-                 load_universal: bool = False) -> tuple[deepspeed.DeepSpeedEngine, Teacher | None]:
-    """The student inside its DeepSpeed engine (AdamW, warm-up + cosine) and the EMA teacher, if the loss needs one."""
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, load_weights=load_weights)
-    optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule.warmup_steps, total_steps))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_ds_config(cfg, bf16, device.type == "cuda",
-                                                                  sum(p.numel() for p in model.parameters()), load_universal))
-    return engine, build_teacher(cfg, engine, device, bf16)
-
-
-def build_teacher(cfg: Config, engine: deepspeed.DeepSpeedEngine, device: torch.device, bf16: bool) -> Teacher | None:
-    """The EMA teacher in the layout of the student's ZeRO stage (None when the loss needs no teacher)."""
-    if not cfg.objective.needs_teacher:
-        return None
-    autocast = torch.bfloat16 if bf16 else None
-    offload = cfg.teacher.offload == "cpu"
-    if cfg.zero.stage in (1, 2):
-        return ShardedEMATeacher(engine, cfg.teacher.ema_alpha, cfg.teacher.refresh_every, autocast, offload)
-    if cfg.zero.stage == 3:  # a second stage-3 engine, no optimizer, partitioned like the student
-        model = build_model(replace(cfg.model, grad_checkpointing=False), load_weights=False)  # weights come from the EMA
-        zero = zero_section(cfg, device.type == "cuda", sum(p.numel() for p in model.parameters()))
-        zero.pop("offload_optimizer", None)
-        ds = {"train_micro_batch_size_per_gpu": cfg.data.batch_size, "gradient_accumulation_steps": cfg.schedule.grad_accum,
-              "zero_optimization": zero, "bf16": {"enabled": bf16}, "steps_per_print": 1 << 30}
-        teacher_engine, *_ = deepspeed.initialize(model=model.requires_grad_(False), config=ds)
-        return ZeRO3EMATeacher(engine, teacher_engine, cfg.teacher.ema_alpha, cfg.teacher.refresh_every, offload)
-    return EMATeacher(engine.module, cfg.teacher.ema_alpha, autocast).to(device)
 
 
 def setup(cfg: Config) -> Run | None:

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from degla_scale.config import EvalConfig
+from degla_scale.config import EVAL_SUITES as SUITES, EvalConfig
 from degla_scale.eval.common import Encoder
-
-SUITES = ("sugarcrepe", "aro", "valse", "zeroshot", "retrieval")
 
 
 def evaluate_suite(suite: str, encoder: Encoder, root: Path, ev: EvalConfig) -> dict[str, float]:

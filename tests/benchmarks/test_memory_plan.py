@@ -15,7 +15,8 @@ MEASURE = """
 import json, sys, torch
 from torch.profiler import ProfilerActivity, profile
 from degla_scale.config import load_config
-from degla_scale.trainer import build_engine, init_runtime, objective_loss
+from degla_scale.engine import build_engine, init_runtime
+from degla_scale.trainer import objective_loss
 from benchmarks.bench_train_step import synthetic_batch
 cfg = load_config("configs/tiny.yaml", sys.argv[1:] + ["model.pretrained=null"])
 device, bf16 = init_runtime(cfg)
