@@ -6,7 +6,10 @@ for webdataset and MDS shards, and the workers per GPU needed to feed the traini
 
 Shards are made here from COCO-sized JPEGs (smooth random images, --image-size) with K negatives each,
 by the project's converter. Each format is read by the trainer's own reader with num_workers=0, so the
-time per sample is what one DataLoader worker spends on it. The step rate to feed comes from
+time per sample is what one DataLoader worker spends on it, through two pipelines in the same run:
+`full fp32` (full JPEG decode, open_clip's preprocess to a normalised fp32 tensor: the trainer before the
+uint8 hot path) and `draft uint8` (reduced-size JPEG decode where the resize downsizes, uint8 out,
+normalised later on the GPU: the trainer's pipeline now). The step rate to feed comes from
 --step-samples-per-s (a bench_train_step.py measurement, per GPU) or is estimated from the config's model:
 forward FLOPs per sample counted on the meta device, × (3 student + 1 teacher), at --mfu of --peak-tflops.
 Rows are appended to OUT/data.csv (--out, default runs/benchmarks/), with a bar plot (data.png).
@@ -30,7 +33,7 @@ from degla_scale.config import load_config  # noqa: E402
 from degla_scale.data.convert import Raw, convert  # noqa: E402
 from degla_scale.data.mds import MDSReader  # noqa: E402
 from degla_scale.data.reader import DataPosition, ShardReader, list_shards  # noqa: E402
-from degla_scale.models import build_model, image_transform, tokenizer  # noqa: E402
+from degla_scale.models import build_model, image_transform, tokenizer, train_image_transform  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
 
@@ -102,25 +105,31 @@ def main(argv=None) -> int:
         feed, flops = estimated_step_rate(cfg, args.mfu, args.peak_tflops)
         feed = round(feed, 1)
         source = f"estimate: {flops / 1e9:.0f} GFLOP/sample at {args.mfu:.0%} of {args.peak_tflops:.0f} TFLOP/s"
-    transform, tokenize = image_transform(cfg.model), tokenizer(cfg.model)
+    # The transform without a draft_size decodes at full size: the pipeline before the uint8 hot path.
+    pipelines = {"full fp32": image_transform(cfg.model), "draft uint8": train_image_transform(cfg.model)}
+    tokenize = tokenizer(cfg.model)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in ("wds", "mds"):
             out = Path(tmp) / fmt
             convert(records(args.samples, k, width, height), out, fmt, k, shard_size=128, workers=2, progress=False)
-            common = dict(batch_size=args.batch_size, num_negatives=k, num_workers=0, seed=0, transform=transform,
-                          tokenize=tokenize)
-            reader = (MDSReader(str(out), **common) if fmt == "mds" else
-                      ShardReader(list_shards(str(out)), shuffle_buffer=64, rank=0, world=1, **common))
-            rate = round(per_worker_rate(reader, args.samples // args.batch_size - 1, args.batch_size), 1)
             shard_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-            rows.append({**environment(), "model": cfg.model.name, "format": fmt, "image": args.image_size,
-                         "kib_per_sample": round(shard_bytes / args.samples / 1024, 1), "negatives": k,
-                         "batch": args.batch_size, "samples_per_s_per_worker": rate,
-                         "feed_samples_per_s_per_gpu": feed, "feed_source": source,
-                         "workers_per_gpu": math.ceil(feed / rate)})
-            print(f"{fmt}: {rate:.1f} samples/s per worker ({rows[-1]['kib_per_sample']} KiB/sample); "
-                  f"{cfg.model.name} trains {feed:.0f} samples/s per GPU ({source}) → {rows[-1]['workers_per_gpu']} workers per GPU")
+            for pipeline, transform in pipelines.items():
+                common = dict(batch_size=args.batch_size, num_negatives=k, num_workers=0, seed=0, transform=transform,
+                              tokenize=tokenize)
+                reader = (MDSReader(str(out), **common) if fmt == "mds" else
+                          ShardReader(list_shards(str(out)), shuffle_buffer=64, rank=0, world=1, **common))
+                rate = round(per_worker_rate(reader, args.samples // args.batch_size - 1, args.batch_size), 1)
+                rows.append({**environment(), "model": cfg.model.name, "format": fmt, "pipeline": pipeline,
+                             "image": args.image_size, "kib_per_sample": round(shard_bytes / args.samples / 1024, 1),
+                             "negatives": k, "batch": args.batch_size, "samples_per_s_per_worker": rate,
+                             "feed_samples_per_s_per_gpu": feed, "feed_source": source,
+                             "workers_per_gpu": math.ceil(feed / rate)})
+                print(f"{fmt} {pipeline}: {rate:.1f} samples/s per worker ({rows[-1]['kib_per_sample']} KiB/sample); "
+                      f"{cfg.model.name} trains {feed:.0f} samples/s per GPU ({source}) → "
+                      f"{rows[-1]['workers_per_gpu']} workers per GPU")
+            before, after = rows[-2]["samples_per_s_per_worker"], rows[-1]["samples_per_s_per_worker"]
+            print(f"{fmt}: draft uint8 / full fp32 = {after / before:.2f}× (same run)")
     path = append_rows(args.out / f"{args.name}.csv", rows)
     print_written(path, plot(rows, args.out / f"{args.name}.png"))
     return 0
@@ -132,8 +141,10 @@ def plot(rows: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    bars = ax.bar([r["format"] for r in rows], [r["samples_per_s_per_worker"] for r in rows], color=["#4878d0", "#ee854a"])
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    colours = {"full fp32": "#4878d0", "draft uint8": "#ee854a"}
+    bars = ax.bar([f"{r['format']}\n{r['pipeline']}" for r in rows], [r["samples_per_s_per_worker"] for r in rows],
+                  color=[colours.get(r["pipeline"], "#888888") for r in rows])
     for bar, r in zip(bars, rows):
         ax.annotate(f"{r['workers_per_gpu']} workers/GPU", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=8)

@@ -162,6 +162,18 @@ def build_model(cfg: ModelConfig, load_weights: bool = True, device: str = "cpu"
     return DeGLAModel(build_clip(cfg, load_weights=load_weights, device=device))
 
 
+def compile_blocks(module: nn.Module) -> nn.Module:
+    """Regional compilation: `torch.compile` each transformer block of both towers in place, so parameter
+    names and state dicts stay as they are and every block of one shape reuses one graph (dynamo inlines
+    nn.Module parameters as graph inputs), which keeps compile time to a few graphs however deep the model."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    for block in module.modules():
+        if isinstance(block, ResidualAttentionBlock):
+            block.compile()
+    return module
+
+
 def count_parameters_meta(cfg: ModelConfig) -> int:
     """Parameter count of the architecture, built on the meta device (no memory for weights)."""
     with torch.device("meta"):
@@ -183,6 +195,15 @@ def preprocess_cfg(cfg: ModelConfig) -> dict:
 def image_transform(cfg: ModelConfig):
     """open_clip's evaluation preprocess for this architecture and pretrained tag (resize, crop, normalise)."""
     return image_transform_v2(PreprocessCfg(**preprocess_cfg(cfg)), is_train=False)
+
+
+def train_image_transform(cfg: ModelConfig):
+    """The same resize and crop as `image_transform`, output uint8 [3, S, S]; normalised on the device."""
+    from degla_scale.data.images import TrainImageTransform
+
+    pp = PreprocessCfg(**preprocess_cfg(cfg))  # its defaults fill in what the model config leaves out
+    size = pp.size if isinstance(pp.size, int) else min(pp.size)
+    return TrainImageTransform(image_transform_v2(pp, is_train=False), size, pp.mean, pp.std)
 
 
 def tokenizer(cfg: ModelConfig):

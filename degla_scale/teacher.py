@@ -1,7 +1,10 @@
 """The EMA teacher (docs/objective.md, "EMA teacher"): θ_t ← α·θ_t + (1−α)·θ_s after every optimizer step.
 
 The EMA is kept in fp32 because at α = 0.9996 a bf16 EMA stops moving (the update is below bf16's
-resolution). `EMATeacher` is a replicated fp32 copy of the student (ZeRO-0). Under ZeRO-1/2/3 the EMA is
+resolution). The teacher's forward runs in the training dtype without autocast: under bf16 from a bf16
+copy of the EMA, rewritten every `refresh_every` updates (the forward weights are then at most
+`refresh_every − 1` updates behind the EMA: with α = 0.9996 that is a 0.04% step each, against the EMA's
+time constant of 1/(1 − α) = 2500 steps). `EMATeacher` is a replicated fp32 copy of the student (ZeRO-0). Under ZeRO-1/2/3 the EMA is
 sharded like the student's master weights instead: `degla_scale.teacher_sharded`. All share one
 interface: update / encode / save / load / full_state_dict.
 
@@ -11,7 +14,6 @@ any number of ranks.
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -21,12 +23,14 @@ from torch import nn
 class EMATeacher:
     """Holds the teacher module; `update` blends the student in, `encode` runs it without gradient."""
 
-    def __init__(self, student: nn.Module, alpha: float, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, student: nn.Module, alpha: float, forward_dtype: torch.dtype = torch.float32,
+                 refresh_every: int = 1):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"EMA alpha={alpha} must lie in [0, 1]")
-        self.alpha = alpha
-        self.autocast_dtype = autocast_dtype
-        self.module = copy.deepcopy(student).float().eval().requires_grad_(False)
+        self.alpha, self.refresh_every = alpha, refresh_every
+        self.module = copy.deepcopy(student).float().eval().requires_grad_(False)  # the fp32 EMA
+        self.forward_module = (self.module if forward_dtype == torch.float32 else
+                               copy.deepcopy(self.module).to(forward_dtype))
         self.updates = 0
 
     @torch.no_grad()
@@ -40,19 +44,25 @@ class EMATeacher:
             )
         torch._foreach_lerp_(teacher_params, student_params, 1.0 - self.alpha)
         self.updates += 1
+        if self.updates % self.refresh_every == 0:
+            self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Write the fp32 EMA into the forward copy (a casting copy; nothing to do when the forward is fp32)."""
+        if self.forward_module is not self.module:
+            torch._foreach_copy_(list(self.forward_module.parameters()), list(self.module.parameters()))
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx = (
-            torch.autocast(images.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None else nullcontext()
-        )
-        with ctx:
-            img_BD, txt_ND, _ = self.module(images, texts)
+        """Embeddings in the forward weights' dtype (no autocast: the weights already are that dtype)."""
+        dtype = next(self.forward_module.parameters()).dtype
+        img_BD, txt_ND, _ = self.forward_module(images.to(dtype), texts)
         return img_BD, txt_ND
 
     def to(self, device: torch.device) -> "EMATeacher":
         self.module.to(device)
+        self.forward_module.to(device)
         return self
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -67,3 +77,4 @@ class EMATeacher:
         state = torch.load(tag_dir / "teacher.pt", map_location="cpu")
         self.module.load_state_dict(state["module"])
         self.updates = state["updates"]
+        self.refresh()

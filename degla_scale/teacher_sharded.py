@@ -21,6 +21,7 @@ Shapes: a shard is [S] (this rank's fp32 EMA of one param group); gathered shard
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,7 +138,6 @@ class _ShardedEMA:
             self.updates = state["updates"]
         self.refresh()
 
-    encode = EMATeacher.encode
 
 
 GATHER_CHUNK = 1 << 24  # elements per rank and all-gather: bounds the device memory a full gather takes
@@ -169,12 +169,12 @@ def _zero12_partitions(optimizer) -> tuple[list[torch.Tensor], list[torch.Tensor
 class ShardedEMATeacher(_ShardedEMA):
     """ZeRO-1/2: fp32 EMA shards of the flat master partitions; a replicated teacher module for the forward."""
 
-    def __init__(self, engine, alpha: float, refresh_every: int = 1, autocast_dtype: torch.dtype | None = None,
-                 offload: bool = False):
+    def __init__(self, engine, alpha: float, refresh_every: int = 1, offload: bool = False):
         flats, masters = _zero12_partitions(engine.optimizer)
         super().__init__(masters, getattr(engine.optimizer, "dp_process_group", None), alpha, refresh_every, offload)
-        self.autocast_dtype = autocast_dtype
-        self.module = copy.deepcopy(engine.module).eval().requires_grad_(False)
+        self.module = copy.deepcopy(engine.module).eval().requires_grad_(False)  # in the student's dtype
+        self.forward_module = self.module  # what EMATeacher.encode runs
+        self._refreshing = None  # the side stream a refresh's all-gather runs on, until the next forward waits
         # Re-seat the teacher's parameters on flat buffers laid out exactly like the student's, so a
         # partition of a teacher buffer is the same parameters' slice as the student's partition.
         self.flats = [torch.empty_like(flat) for flat in flats]
@@ -195,14 +195,29 @@ class ShardedEMATeacher(_ShardedEMA):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """All-gather the EMA shards into the teacher's flat buffers (in the teacher's dtype)."""
+        """All-gather the EMA shards into the teacher's flat buffers (in the teacher's dtype). On CUDA the
+        gather is issued from a side stream, so it overlaps the next step's data wait and student forward;
+        `encode` makes the compute stream wait for it before the teacher's forward reads the buffers."""
         self.wait()
-        for flat, shard in zip(self.flats, self.shards):
-            part = shard.to(flat.dtype).to(flat.device, non_blocking=True)  # cast first: bf16 travels, not fp32
-            if self.world == 1:
-                flat.copy_(part)
-            else:
-                dist.all_gather(list(flat.chunk(self.world)), part, group=self.group)
+        side = None
+        if self.flats[0].is_cuda:
+            side = self._side_stream = getattr(self, "_side_stream", None) or torch.cuda.Stream(self.flats[0].device)
+            side.wait_stream(torch.cuda.current_stream(self.flats[0].device))  # the EMA update has been queued
+        with torch.cuda.stream(side) if side is not None else nullcontext():
+            for flat, shard in zip(self.flats, self.shards):
+                part = shard.to(flat.dtype).to(flat.device, non_blocking=True)  # cast first: bf16 travels, not fp32
+                if self.world == 1:
+                    flat.copy_(part)
+                else:
+                    dist.all_gather(list(flat.chunk(self.world)), part, group=self.group)
+        self._refreshing = side
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._refreshing is not None:
+            torch.cuda.current_stream(self.flats[0].device).wait_stream(self._refreshing)
+            self._refreshing = None
+        return EMATeacher.encode(self, images, texts)
 
     def _assemble(self, gathered_WS, slot):
         return gathered_WS[slot.group].view(-1)[slot.offset:slot.offset + slot.numel]
@@ -228,7 +243,7 @@ class ZeRO3EMATeacher(_ShardedEMA):
             raise RuntimeError("the ZeRO-3 EMA teacher cannot read fp32 master partitions swapped to NVMe: "
                                "use zero.offload_optimizer none or cpu")
         super().__init__(masters, optimizer.dp_process_group, alpha, refresh_every, offload)
-        self.engine, self.module, self.autocast_dtype = teacher_engine, teacher_engine.module, None
+        self.engine, self.module = teacher_engine, teacher_engine.module
         self.teacher_engine_params = dict(teacher_engine.module.named_parameters())
         self.slots = []
         for name, p in engine.module.named_parameters():

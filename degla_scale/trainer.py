@@ -27,11 +27,12 @@ from degla_scale.engine import Teacher, build_engine, init_runtime  # noqa: E402
 from degla_scale.data.reader import (  # noqa: E402
     Batch, DataPosition, ShardReader, list_shards, peek_num_negatives, read_manifest,
 )
+from degla_scale.data.images import DeviceNormalize, TrainImageTransform  # noqa: E402
 from degla_scale.data.mds import MDSReader, mds_stats  # noqa: E402
 from degla_scale.logs import RunLog, plot_loss_curves  # noqa: E402
 from degla_scale.export import engine_state_dict  # noqa: E402
 from degla_scale.models import (  # noqa: E402
-    MAX_LOGIT_SCALE, check_model, image_transform, open_clip_layout, tokenizer,
+    MAX_LOGIT_SCALE, check_model, open_clip_layout, tokenizer, train_image_transform,
 )
 from degla_scale.objective import DeGLALoss, degla_loss  # noqa: E402
 from degla_scale.telemetry import Telemetry  # noqa: E402
@@ -68,13 +69,14 @@ def check_data(cfg: Config) -> int:
     return int(cfg.data.num_samples or total)
 
 
-def build_reader(cfg: Config, rank: int, world: int) -> ShardReader | MDSReader:
+def build_reader(cfg: Config, rank: int, world: int, transform: TrainImageTransform,
+                 pin_memory: bool) -> ShardReader | MDSReader:
     """This rank's batches of the configured shard format and sources (same samples, same Batch either way)."""
     d = cfg.data
     paths, weights = [s.path for s in d.source_list()], [s.weight for s in d.source_list()]
     common = dict(batch_size=d.batch_size, num_negatives=d.num_negatives, num_workers=d.num_workers, seed=cfg.seed,
-                  transform=image_transform(cfg.model), tokenize=tokenizer(cfg.model), weights=weights,
-                  negatives_pick=d.negatives_pick)
+                  transform=transform, tokenize=tokenizer(cfg.model), weights=weights,
+                  negatives_pick=d.negatives_pick, pin_memory=pin_memory)
     if d.format == "mds":
         return MDSReader(paths, remotes=[s.remote for s in d.source_list()], **common)
     return ShardReader([list_shards(p) for p in paths], shuffle_buffer=d.shuffle_buffer, rank=rank, world=world, **common)
@@ -95,6 +97,7 @@ class Run:
     total_steps: int
     telemetry: Telemetry
     layout: checkpoint.Layout  # step 0: how this run is laid out over ranks
+    normalize: DeviceNormalize  # uint8 batches → the model's normalised input, on the device
     step: int = 0
     position: DataPosition | None = None
 
@@ -143,10 +146,12 @@ def setup(cfg: Config) -> Run | None:
         if changed:
             notice(f"warning: {changed}")
     engine, teacher = build_engine(cfg, device, bf16, total_steps, load_universal=universal)
-    reader = build_reader(cfg, rank, world)
+    transform = train_image_transform(cfg.model)
+    reader = build_reader(cfg, rank, world, transform, pin_memory=device.type == "cuda")
     log = RunLog(Path(cfg.run_dir), enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
     run = Run(cfg, engine, teacher, reader, log, device, torch.bfloat16 if bf16 else torch.float32,
-              steps_per_epoch, total_steps, Telemetry(device), layout, position=DataPosition())
+              steps_per_epoch, total_steps, Telemetry(device), layout,
+              DeviceNormalize(transform.mean, transform.std, device), position=DataPosition())
     if point is not None:
         run.position = checkpoint.load(point, universal, layout, engine, teacher, cfg.data.num_workers)
         run.step = point.saved.step
@@ -158,7 +163,7 @@ def setup(cfg: Config) -> Run | None:
 
 def forward_backward(run: Run, batch: Batch) -> DeGLALoss:
     """Student and teacher forward on one micro-batch, the DeGLA loss, and its backward."""
-    images = batch.images.to(run.device, run.input_dtype, non_blocking=True)
+    images = run.normalize(batch.images.to(run.device, non_blocking=True), run.input_dtype)  # uint8 crosses
     tokens = batch.tokens.to(run.device, non_blocking=True)
     img_BD, txt_ND, scale = run.engine(images, tokens)
     t_img_BD = t_txt_ND = None

@@ -77,8 +77,10 @@ def _dataset_class():
             except Exception:  # an undecodable jpeg column raises inside streaming
                 return {"error": "unreadable_image"}
             try:
+                # streaming opens the jpeg column lazily, so a reduced-size draft still applies
                 image, caption, negatives = decode_image_sample(sample["jpg"], sample["caption"],
-                                                                sample.get("negatives") or [], self.num_negatives)
+                                                                sample.get("negatives") or [], self.num_negatives,
+                                                                getattr(self.transform, "draft_size", None))
             except Rejected as exc:
                 return {"error": exc.reason}
             negatives = pick_negatives(negatives, self.num_negatives, self.negatives_pick, self.pick_seed,
@@ -121,9 +123,10 @@ class MDSReader:
 
     def __init__(self, path: str | list[str], *, batch_size: int, num_negatives: int, num_workers: int, seed: int,
                  transform: Callable, tokenize: Callable, weights: list[float] | None = None,
-                 remotes: list[str | None] | None = None, negatives_pick: str = "first"):
+                 remotes: list[str | None] | None = None, negatives_pick: str = "first", pin_memory: bool = False):
         """`path`: one MDS folder, or several mixed by `weights` (streaming's Stream proportions); a source
-        with a `remotes` entry is downloaded from there into its folder, a local cache."""
+        with a `remotes` entry is downloaded from there into its folder, a local cache. `pin_memory`: batches
+        arrive in page-locked memory (CUDA)."""
         from streaming import Stream
         from streaming.base.util import clean_stale_shared_memory
 
@@ -146,7 +149,7 @@ class MDSReader:
                                         num_negatives=num_negatives, transform=transform,
                                         negatives_pick=negatives_pick, pick_seed=seed)
         self.loader = _BatchLoader(self.dataset, batch_size=batch_size, num_workers=num_workers,
-                                   collate_fn=_collate(tokenize), drop_last=True,
+                                   collate_fn=_collate(tokenize), drop_last=True, pin_memory=pin_memory,
                                    prefetch_factor=4 if num_workers else None, persistent_workers=False)
 
     def epoch(self, position: DataPosition) -> Iterator[Batch]:

@@ -16,7 +16,7 @@ import glob
 import json
 import random
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -78,12 +78,15 @@ def write_wds(path: Path, records) -> int:
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # [b, 3, H, W]
+    images: torch.Tensor  # [b, 3, H, W] uint8 (normalised on the device: degla_scale/data/images.py)
     tokens: torch.Tensor  # [b·(1+K), L]
     keys: list[str]
     worker: int = 0
     consumed: int = 0  # raw samples this worker has read this epoch, up to and including this batch
     rejected: Counter = field(default_factory=Counter)  # bad samples skipped while building this batch
+
+    def pin_memory(self) -> "Batch":  # DataLoader(pin_memory=True) calls this in its pinning thread
+        return replace(self, images=self.images.pin_memory(), tokens=self.tokens.pin_memory())
 
 
 class MixedSamples(IterableDataset):
@@ -138,7 +141,7 @@ def _shuffled(samples, bufsize: int, rng: random.Random):
     yield from buffer
 
 
-def decode_sample(sample: dict, num_negatives: int) -> tuple[Image.Image, str, list[str]]:
+def decode_sample(sample: dict, num_negatives: int, draft_size: int | None = None) -> tuple[Image.Image, str, list[str]]:
     """webdataset sample → (RGB image, positive, all its negatives); raises `Rejected`."""
     if "jpg" not in sample:
         raise Rejected("missing_image", "the sample has no jpg")
@@ -148,14 +151,15 @@ def decode_sample(sample: dict, num_negatives: int) -> tuple[Image.Image, str, l
         negatives = json.loads(sample["json"]).get("negatives", []) if "json" in sample else []
     except (ValueError, AttributeError):
         raise Rejected("malformed_record", "its json is not an object") from None
-    return decode_image_sample(sample["jpg"], sample["txt"].decode("utf-8"), negatives, num_negatives)
+    return decode_image_sample(sample["jpg"], sample["txt"].decode("utf-8"), negatives, num_negatives, draft_size)
 
 
-def decode_image_sample(image: bytes | Image.Image, caption: str, negatives: list[str],
-                        num_negatives: int) -> tuple[Image.Image, str, list[str]]:
+def decode_image_sample(image: bytes | Image.Image, caption: str, negatives: list[str], num_negatives: int,
+                        draft_size: int | None = None) -> tuple[Image.Image, str, list[str]]:
     """(JPEG bytes or opened image, caption, negatives) → (RGB image, positive, all its negatives), checked as
-    the converter checks records; raises `Rejected`. Shared by both shard formats."""
-    rgb = decode_rgb(image)
+    the converter checks records; raises `Rejected`. Shared by both shard formats. `draft_size`: see
+    `decode_rgb` (the transform's output side, when it downsizes anyway)."""
+    rgb = decode_rgb(image, draft_size)
     return rgb, check_texts(caption, negatives, num_negatives), list(negatives)
 
 
@@ -172,7 +176,7 @@ def _batches(batch_size: int, num_negatives: int, pick: str, seed: int, epoch: i
             if consumed <= to_skip:
                 continue
             try:
-                image, caption, negs = decode_sample(sample, num_negatives)
+                image, caption, negs = decode_sample(sample, num_negatives, getattr(transform, "draft_size", None))
             except Rejected as exc:
                 rejected[exc.reason] += 1
                 continue
@@ -231,8 +235,10 @@ class ShardReader:
 
     def __init__(self, shards: list[str] | list[list[str]], *, batch_size: int, num_negatives: int, num_workers: int,
                  shuffle_buffer: int, seed: int, rank: int, world: int, transform: Callable, tokenize: Callable,
-                 weights: list[float] | None = None, negatives_pick: str = "first"):
-        """`shards`: one source's shard paths, or one list per source, mixed by `weights`."""
+                 weights: list[float] | None = None, negatives_pick: str = "first", pin_memory: bool = False):
+        """`shards`: one source's shard paths, or one list per source, mixed by `weights`. `pin_memory`: batches
+        arrive in page-locked memory (CUDA), so their copy to the device can overlap compute."""
+        self.pin_memory = pin_memory
         self.sources = [shards] if shards and isinstance(shards[0], str) else shards
         self.weights = weights or [1.0] * len(self.sources)
         self.batch_size, self.num_negatives, self.negatives_pick = batch_size, num_negatives, negatives_pick
@@ -258,7 +264,7 @@ class ShardReader:
             _batches(self.batch_size, self.num_negatives, self.negatives_pick, self.seed, position.epoch, self.transform,
                      self.tokenize, list(position.consumed)),
         )
-        loader = DataLoader(pipeline, batch_size=None, num_workers=self.num_workers,
+        loader = DataLoader(pipeline, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=4 if self.num_workers else None)
         # DataLoader hands out worker 0, 1, ... in turn from each restart; after a mid-epoch resume the
         # next batch belongs to worker (batches % workers), so hold the others back until their turn.

@@ -36,12 +36,17 @@ class Rejected(ValueError):
         self.reason, self.detail = reason, detail
 
 
-def decode_rgb(image):
-    """JPEG (or any PIL-readable) bytes, or an opened PIL image → an RGB image with every pixel decoded."""
+def decode_rgb(image, draft_size: int | None = None):
+    """JPEG (or any PIL-readable) bytes, or an opened PIL image → an RGB image with every pixel decoded.
+
+    draft_size: a JPEG may be decoded scaled down by 1/2, 1/4 or 1/8 as long as both sides stay ≥ it
+    (degla_scale/data/images.py); None decodes at full size."""
     from PIL import Image
 
     try:
         with (Image.open(io.BytesIO(image)) if isinstance(image, (bytes, bytearray)) else image) as im:
+            if draft_size and im.format == "JPEG":
+                im.draft("RGB", (draft_size, draft_size))
             return im.convert("RGB")  # some COCO JPEGs are grayscale; a truncated file fails here
     except Exception as exc:
         raise Rejected("unreadable_image", type(exc).__name__) from None
