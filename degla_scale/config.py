@@ -31,6 +31,9 @@ class ModelConfig:
     """open_clip pretrained tag (e.g. `openai`, `laion2b_s32b_b82k`) or a local checkpoint file; null = random init."""
     grad_checkpointing: bool = False
     """Recompute transformer activations in backward (open_clip's set_grad_checkpointing) to save memory."""
+    compile: bool = False
+    """Regional torch.compile: every transformer block of both towers, in the student and the teacher, is
+    compiled in place (same parameter names; blocks of one shape share a graph). ZeRO-0/1/2 only."""
 
     def __post_init__(self):
         _check(bool(self.name), "model.name is empty: set an open_clip model name, e.g. model.name=ViT-B-32")
@@ -66,8 +69,9 @@ class DataConfig:
     negatives_pick: str = "first"
     """Which K of a sample's stored negatives a batch uses: first (the first K, as the official DeGLA loader
     does) or random (K drawn per sample and epoch from the seed; a resumed run draws the same)."""
-    batch_size: int = 32
-    """Micro-batch of images per rank (each brings 1+K captions)."""
+    batch_size: Any = 32
+    """Micro-batch of images per rank (each brings 1+K captions), or auto: the largest that
+    degla_scale/memory_plan.py fits in the GPU's memory with 15% kept free, printed at start."""
     num_workers: int = 2
     """DataLoader worker processes per rank."""
     shuffle_buffer: int = 1000
@@ -85,7 +89,8 @@ class DataConfig:
         self.sources = [SourceConfig(**s) if isinstance(s, dict) else s for s in self.sources]
         paths = [s.path for s in self.sources]
         _check(len(set(paths)) == len(paths), f"data.sources lists {paths}: give each path once (raise its weight instead)")
-        _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
+        _check(self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1),
+               f"data.batch_size={self.batch_size!r} must be an integer >= 1 or auto")
         _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
         _check(self.shuffle_buffer >= 0, f"data.shuffle_buffer={self.shuffle_buffer} must be >= 0")
 
@@ -128,9 +133,13 @@ class ObjectiveConfig:
 class TeacherConfig:
     ema_alpha: float = 0.9996
     """EMA decay: θ_t ← α·θ_t + (1−α)·θ_s after every optimizer step."""
-    refresh_every: int = 1
-    """ZeRO-1/2/3: write the sharded fp32 EMA into the teacher's forward weights (ZeRO-1/2: one all-gather;
-    ZeRO-3: a local copy into its partitions) every this many steps; the EMA itself is updated every step."""
+    refresh_every: int = 4
+    """Write the fp32 EMA into the teacher's forward weights every this many steps (ZeRO-1/2: one all-gather
+    of the bf16 weights, on a side stream; ZeRO-3: a local copy into its partitions; ZeRO-0 under bf16: a
+    casting copy); the EMA itself is updated every step. The forward teacher then lags the EMA by at most
+    refresh_every − 1 updates of (1 − α) = 0.04% each, against the EMA's 2500-step time constant; the default
+    4 keeps an unhidden ViT-L all-gather (0.86 GB, ≈ 2 ms on 8 × H100 NVLink, against a ≈ 36 ms step at
+    b=32 and 40% MFU) under 1.5% of the step. An estimate: benchmarks/gpu_check.py measures it."""
 
     offload: str = "none"
     """none, or cpu (ZeRO-1/2/3): the fp32 EMA shard lives in pinned host memory and is updated by a
@@ -187,15 +196,22 @@ class ZeroConfig:
     stage: int = 0
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1, 2 or 3."""
     precision: str = "auto"
-    """auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."""
+    """auto (bf16 on CUDA, fp32 on CPU), bf16 (on CUDA or CPU) or fp32."""
     offload_optimizer: str = "none"
     """none, or cpu: fp32 master weights and Adam moments in (pinned) CPU memory, stepped by DeepSpeedCPUAdam (stage >= 1)."""
     offload_params: str = "none"
     """none, or cpu: stage-3 parameter partitions in CPU memory, fetched for each layer's use."""
+    grad_accum_dtype: str = "auto"
+    """auto (DeepSpeed's default: gradients accumulate in the training precision), or fp32 (stage >= 1): accumulate
+    them in fp32; under bf16 at ZeRO-1 without optimizer offload this selects DeepSpeed's BF16_Optimizer."""
 
     def __post_init__(self):
         _check(self.stage in (0, 1, 2, 3), f"zero.stage={self.stage} must be 0, 1, 2 or 3")
         _check(self.precision in ("auto", "bf16", "fp32"), f"zero.precision={self.precision!r} must be auto, bf16 or fp32")
+        _check(self.grad_accum_dtype in ("auto", "fp32"), f"zero.grad_accum_dtype={self.grad_accum_dtype!r} must be auto or fp32")
+        # DeepSpeed has no ZeRO-0 optimizer for bf16 weights with fp32 gradients (and fp32 needs no setting)
+        _check(self.grad_accum_dtype == "auto" or self.stage >= 1,
+               f"zero.grad_accum_dtype={self.grad_accum_dtype} needs zero.stage >= 1, got stage {self.stage}")
         for name in ("offload_optimizer", "offload_params"):
             _check(getattr(self, name) in ("none", "cpu"), f"zero.{name}={getattr(self, name)!r} must be none or cpu")
         _check(self.offload_optimizer == "none" or self.stage >= 1,
@@ -293,6 +309,9 @@ class Config:
                "set data.num_negatives=K or both weights to 0 for plain CLIP")
         _check(self.teacher.offload == "none" or self.zero.stage >= 1,
                "teacher.offload=cpu shards the EMA like the ZeRO master weights and needs zero.stage >= 1, got 0")
+        _check(not (self.model.compile and self.zero.stage == 3),
+               "model.compile=true with zero.stage=3: DeepSpeed's ZeRO-3 gathers each parameter in module hooks, "
+               "which compiled blocks do not run; use zero.stage <= 2 or model.compile=false")
 
 
 SCHEMA_NAME = "degla_schema"

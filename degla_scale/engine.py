@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 from degla_scale import distributed as D  # noqa: E402
 from degla_scale.config import Config  # noqa: E402
-from degla_scale.models import build_model  # noqa: E402
+from degla_scale.models import build_model, compile_blocks  # noqa: E402
 from degla_scale.teacher import EMATeacher  # noqa: E402
 from degla_scale.teacher_sharded import ShardedEMATeacher, ZeRO3EMATeacher  # noqa: E402
 
@@ -44,22 +44,26 @@ def build_engine(cfg: Config, device: torch.device, bf16: bool, total_steps: int
     """The student inside its DeepSpeed engine (AdamW, warm-up + cosine) and the EMA teacher, if the loss needs one."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, load_weights=load_weights)
+    if cfg.model.compile:
+        compile_blocks(model)
     optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule.warmup_steps, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_ds_config(cfg, bf16, device.type == "cuda",
                                                                   sum(p.numel() for p in model.parameters()), load_universal))
-    return engine, build_teacher(cfg, engine, device, bf16)
+    teacher = build_teacher(cfg, engine, device, bf16)
+    if teacher is not None and cfg.model.compile:
+        compile_blocks(teacher.forward_module)  # its own copy of the blocks (no_grad: a graph of its own)
+    return engine, teacher
 
 
 def build_teacher(cfg: Config, engine: deepspeed.DeepSpeedEngine, device: torch.device, bf16: bool) -> Teacher | None:
     """The EMA teacher in the layout of the student's ZeRO stage (None when the loss needs no teacher)."""
     if not cfg.objective.needs_teacher:
         return None
-    autocast = torch.bfloat16 if bf16 else None
     offload = cfg.teacher.offload == "cpu"
     if cfg.zero.stage in (1, 2):
-        return ShardedEMATeacher(engine, cfg.teacher.ema_alpha, cfg.teacher.refresh_every, autocast, offload)
+        return ShardedEMATeacher(engine, cfg.teacher.ema_alpha, cfg.teacher.refresh_every, offload)
     if cfg.zero.stage == 3:  # a second stage-3 engine, no optimizer, partitioned like the student
         model = build_model(replace(cfg.model, grad_checkpointing=False), load_weights=False)  # weights come from the EMA
         zero = zero_section(cfg, device.type == "cuda", sum(p.numel() for p in model.parameters()))
@@ -68,7 +72,8 @@ def build_teacher(cfg: Config, engine: deepspeed.DeepSpeedEngine, device: torch.
               "zero_optimization": zero, "bf16": {"enabled": bf16}, "steps_per_print": 1 << 30}
         teacher_engine, *_ = deepspeed.initialize(model=model.requires_grad_(False), config=ds)
         return ZeRO3EMATeacher(engine, teacher_engine, cfg.teacher.ema_alpha, cfg.teacher.refresh_every, offload)
-    return EMATeacher(engine.module, cfg.teacher.ema_alpha, autocast).to(device)
+    return EMATeacher(engine.module, cfg.teacher.ema_alpha, torch.bfloat16 if bf16 else torch.float32,
+                      cfg.teacher.refresh_every).to(device)
 
 
 def build_ds_config(cfg: Config, bf16: bool, on_cuda: bool, num_params: int, load_universal: bool = False) -> dict:
@@ -83,6 +88,8 @@ def build_ds_config(cfg: Config, bf16: bool, on_cuda: bool, num_params: int, loa
     }
     if cfg.optim.grad_clip > 0:
         ds["gradient_clipping"] = cfg.optim.grad_clip
+    if cfg.zero.grad_accum_dtype == "fp32":  # under bf16 at ZeRO-1 this makes DeepSpeed pick its BF16_Optimizer
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if load_universal:  # resuming on another number of ranks (checkpoint.prepare made the universal copy)
         ds["checkpoint"] = {"load_universal": True}
     return ds

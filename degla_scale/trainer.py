@@ -120,10 +120,29 @@ def preflight(cfg: Config) -> int:
     return check_data(cfg)
 
 
+def resolve_auto_batch(cfg: Config, world: int) -> Config:
+    """`data.batch_size: auto` → the planner's largest micro-batch for this GPU's memory (said in one line)."""
+    if cfg.data.batch_size != "auto":
+        return cfg
+    if not torch.cuda.is_available():
+        raise ConfigError("data.batch_size=auto fits the micro-batch to the GPU's memory and there is no GPU: "
+                          "set data.batch_size to a number")
+    from degla_scale.memory_plan import resolve_batch_size
+
+    memory = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+    batch, line = resolve_batch_size(cfg, world, memory)
+    if batch < 1:
+        raise ConfigError(f"{line}: not one sample fits; raise zero.stage, offload (zero.offload_optimizer=cpu) "
+                          "or set model.grad_checkpointing=true")
+    notice(line)
+    return replace(cfg, data=replace(cfg.data, batch_size=batch))
+
+
 def setup(cfg: Config) -> Run | None:
     """Everything a run needs, resumed from its latest checkpoint; None when the run is already complete."""
     num_samples = preflight(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's; the process group starts below
+    cfg = resolve_auto_batch(cfg, world)
     per_step = world * cfg.data.batch_size * cfg.schedule.grad_accum
     steps_per_epoch = num_samples // per_step
     if steps_per_epoch < 1:
@@ -235,6 +254,7 @@ def train(cfg: Config) -> dict:
     run = setup(cfg)
     if run is None:
         return {}
+    cfg = run.cfg  # data.batch_size=auto resolved
     rank0 = D.rank() == 0
     if rank0:
         run_config.save(Path(cfg.run_dir), cfg)
