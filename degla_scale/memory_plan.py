@@ -9,7 +9,7 @@ Static bytes follow from the parameter count P (counted on the meta device), the
     gradients    p·P at ZeRO-0/1, p·P/W at ZeRO-2/3, plus DeepSpeed's reduce bucket at ZeRO ≥ 1
     optimizer    Adam moments 8·P, plus the fp32 master 4·P unless ZeRO-0 trains in fp32; /W at ZeRO ≥ 1
                  (0 with optimizer offload)
-    teacher      ZeRO-0: a replicated fp32 EMA, 4·P; ZeRO-1/2/3: the fp32 EMA shard 4·P/W (0 when it or the optimizer is offloaded)
+    teacher      ZeRO-0: a replicated fp32 EMA 4·P, plus its forward copy p·P under bf16 or refresh_every > 1; ZeRO-1/2/3: the fp32 EMA shard 4·P/W (0 when it or the optimizer is offloaded)
                  plus the forward weights: a replicated copy p·P (ZeRO-1/2) or partitions p·P/W (ZeRO-3,
                  0 with parameter offload)
 Activations are not guessed: the model runs one sample (an image and its 1 + K captions) forward on the
@@ -103,8 +103,8 @@ def plan(cfg: Config, world: int, on_gpu: bool = True) -> Plan:
     optimizer = 0.0 if z.offload_optimizer == "cpu" else (master + 8) * P / (W if z.stage >= 1 else 1)
     teacher = 0.0
     if cfg.objective.needs_teacher:
-        if z.stage == 0:
-            teacher = 4.0 * P
+        if z.stage == 0:  # the fp32 EMA, and its forward copy unless the EMA itself can run every forward
+            teacher = 4.0 * P + (p * P if bf16 or cfg.teacher.refresh_every > 1 else 0.0)
         else:  # the EMA shard sits beside the fp32 masters, on the host when either is offloaded
             on_host = "cpu" in (cfg.teacher.offload, z.offload_optimizer)
             forward = p * P if z.stage < 3 else (0.0 if z.offload_params == "cpu" else p * P / W)

@@ -1,10 +1,12 @@
 """The EMA teacher (docs/objective.md, "EMA teacher"): θ_t ← α·θ_t + (1−α)·θ_s after every optimizer step.
 
 The EMA is kept in fp32 because at α = 0.9996 a bf16 EMA stops moving (the update is below bf16's
-resolution). The teacher's forward runs in the training dtype without autocast: under bf16 from a bf16
-copy of the EMA, rewritten every `refresh_every` updates (the forward weights are then at most
-`refresh_every − 1` updates behind the EMA: with α = 0.9996 that is a 0.04% step each, against the EMA's
-time constant of 1/(1 − α) = 2500 steps). `EMATeacher` is a replicated fp32 copy of the student (ZeRO-0). Under ZeRO-1/2/3 the EMA is
+resolution). The teacher's forward runs in the training dtype without autocast, from a copy of the EMA
+in that dtype rewritten every `refresh_every` updates and at every checkpoint (the forward weights are at
+most `refresh_every − 1` updates behind the EMA: with α = 0.9996 that is a 0.04% step each, against the
+EMA's time constant of 1/(1 − α) = 2500 steps). Every layout refreshes at the same steps, and a
+checkpoint is a refresh point, so a resumed run's forward teacher (refreshed on load) is the
+uninterrupted run's. `EMATeacher` is a replicated fp32 copy of the student (ZeRO-0). Under ZeRO-1/2/3 the EMA is
 sharded like the student's master weights instead: `degla_scale.teacher_sharded`. All share one
 interface: update / encode / save / load / full_state_dict.
 
@@ -29,8 +31,8 @@ class EMATeacher:
             raise ValueError(f"EMA alpha={alpha} must lie in [0, 1]")
         self.alpha, self.refresh_every = alpha, refresh_every
         self.module = copy.deepcopy(student).float().eval().requires_grad_(False)  # the fp32 EMA
-        self.forward_module = (self.module if forward_dtype == torch.float32 else
-                               copy.deepcopy(self.module).to(forward_dtype))
+        same = forward_dtype == torch.float32 and refresh_every == 1  # the EMA itself can run the forward
+        self.forward_module = self.module if same else copy.deepcopy(self.module).to(forward_dtype)
         self.updates = 0
 
     @torch.no_grad()
@@ -70,6 +72,7 @@ class EMATeacher:
         return self.module.state_dict()
 
     def save(self, tag_dir: Path, rank: int) -> None:
+        self.refresh()  # a checkpoint is a refresh point: the resumed run refreshes on load
         if rank == 0:
             torch.save({"alpha": self.alpha, "updates": self.updates, "module": self.full_state_dict()}, tag_dir / "teacher.pt")
 

@@ -110,6 +110,7 @@ class _ShardedEMA:
         return state
 
     def save(self, tag_dir: Path, rank: int) -> None:
+        self.refresh()  # a checkpoint is a refresh point: the resumed run refreshes on load
         full = self.full_state_dict()
         torch.save({"world": self.world, "updates": self.updates, "shards": [s.cpu() for s in self.shards]},
                    tag_dir / f"teacher_shard_rank{rank}.pt")
@@ -161,7 +162,7 @@ def _zero12_partitions(optimizer) -> tuple[list[torch.Tensor], list[torch.Tensor
     """(flat low-precision parameter buffers, this rank's fp32 master partitions), one per param group."""
     if hasattr(optimizer, "single_partition_of_fp32_groups"):  # DeepSpeedZeroOptimizer (stages 1 and 2)
         return optimizer.bit16_groups_flat, optimizer.single_partition_of_fp32_groups
-    if hasattr(optimizer, "fp32_groups_flat_partition"):  # BF16_Optimizer (bf16 + stage 1)
+    if hasattr(optimizer, "fp32_groups_flat_partition"):  # BF16_Optimizer (bf16, stage 1, grad_accum_dtype fp32)
         return optimizer.bf16_groups_flat, optimizer.fp32_groups_flat_partition
     raise RuntimeError(f"the sharded EMA teacher needs a ZeRO-1/2 optimizer, got {type(optimizer).__name__}")
 
