@@ -248,7 +248,9 @@ def clip_loss(img_BD: torch.Tensor, txt_CD: torch.Tensor, scale: torch.Tensor, n
 
     img_BD: [b, D] this rank's images; txt_CD: [C, D] the gathered texts, positives (num_pos = B of them,
     in rank order) first; scale: the exponentiated logit scale (0-dim or [1]); row_offset: the global
-    index of this rank's first sample. Accumulates in fp32 whatever the input dtype.
+    index of this rank's first sample. Accumulates in fp32 whatever the input dtype. deterministic: one
+    fixed config per kernel instead of autotuning (bit-identical from run to run); allow_tf32: fp32
+    inputs use TF32 tensor cores.
     """
     if img_BD.dtype not in SUPPORTED_DTYPES or txt_CD.dtype != img_BD.dtype:
         raise ValueError(f"clip_loss takes fp32/bf16/fp16 embeddings of one dtype, got {img_BD.dtype} and {txt_CD.dtype}")
