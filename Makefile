@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # A plain `torch` request would pull a multi-GB CUDA build from PyPI; the pinned pair installs from local disk.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo gpu-check clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,11 @@ FORMAT ?= wds
 
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH FORMAT=$(FORMAT) bash launch/demo.sh
+
+# The prepared GPU check, at most 8 minutes (benchmarks/gpu_check.py); make gpu-check ARGS=--tiny: its CPU smoke run.
+# On a lent GPU machine without the venv, run it with python3 after the device README's wheels line.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf runs data
