@@ -71,7 +71,8 @@ def test_train_step_benchmark_on_tiny_config(tmp_path):
 
 
 def test_data_benchmark_on_tiny_config(tmp_path):
-    """Both shard formats read by the trainer's readers: a row each, workers = feed rate / per-worker rate."""
+    """Both shard formats read by the trainer's readers through both pipelines (the full-decode fp32 one of
+    before, the draft-decode uint8 one of now): a row each, workers = feed rate / per-worker rate."""
     import math
 
     from benchmarks import bench_data
@@ -79,7 +80,8 @@ def test_data_benchmark_on_tiny_config(tmp_path):
     bench_data.main(["--config", "configs/tiny.yaml", "--samples", "64", "--image-size", "96x64", "--batch-size", "8",
                      "--out", str(tmp_path)])
     rows = list(csv.DictReader((tmp_path / "data.csv").open()))
-    assert [r["format"] for r in rows] == ["wds", "mds"]
+    assert [(r["format"], r["pipeline"]) for r in rows] == [("wds", "full fp32"), ("wds", "draft uint8"),
+                                                            ("mds", "full fp32"), ("mds", "draft uint8")]
     for r in rows:
         rate, feed = float(r["samples_per_s_per_worker"]), float(r["feed_samples_per_s_per_gpu"])
         assert rate > 0 and feed > 0 and r["feed_source"].startswith("estimate")
