@@ -22,7 +22,9 @@ from benchmarks.bench_train_step import synthetic_batch
 cfg = load_config("configs/tiny.yaml", sys.argv[1:] + ["model.pretrained=null"])
 device, bf16 = init_runtime(cfg)
 engine, teacher = build_engine(cfg, device, bf16, total_steps=10, load_weights=False)
-images, tokens = synthetic_batch(engine.module.clip, cfg.data.batch_size, cfg.data.num_negatives, torch.Generator().manual_seed(0))
+images, tokens = synthetic_batch(engine.module.clip, cfg.data.batch_size, cfg.data.num_negatives,
+                                 torch.Generator().manual_seed(0), pin=False)
+images = images.float() / 255  # the model's input dtype (normalisation itself changes no memory)
 with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
     for _ in range(2):
         t_img, t_txt = teacher.encode(images, tokens)
