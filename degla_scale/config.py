@@ -78,6 +78,9 @@ class DataConfig:
     """Samples held in each worker's shuffle buffer (on top of the per-epoch shard shuffle)."""
     num_samples: Optional[int] = None
     """Samples in one epoch over all ranks; null = read from the shards' manifest.json."""
+    max_rejected_fraction: float = 0.01
+    """Stop the run (one line: the fraction, the reasons, an example shard) once more than this fraction of
+    the samples read so far were rejected as damaged or invalid; 1 = never stop."""
 
     def source_list(self) -> list[SourceConfig]:
         return self.sources or [SourceConfig(self.train_shards, 1.0)]
@@ -93,6 +96,8 @@ class DataConfig:
                f"data.batch_size={self.batch_size!r} must be an integer >= 1 or auto")
         _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
         _check(self.shuffle_buffer >= 0, f"data.shuffle_buffer={self.shuffle_buffer} must be >= 0")
+        _check(0 <= self.max_rejected_fraction <= 1,
+               f"data.max_rejected_fraction={self.max_rejected_fraction} must be in [0, 1] (1 = never stop)")
 
 
 @dataclass
@@ -252,6 +257,19 @@ class CheckpointConfig:
         _check(self.resume in ("auto", "none"), f"checkpoint.resume={self.resume!r} must be auto or none")
 
 
+@dataclass
+class ReliabilityConfig:
+    nonfinite: str = "stop"
+    """A non-finite loss term or gradient: stop = end the run without writing that checkpoint (resume: auto
+    continues from the last good one); skip = drop that step's update on every rank and go on."""
+    max_skipped: int = 10
+    """nonfinite=skip: stop after this many skipped steps in a row."""
+
+    def __post_init__(self):
+        _check(self.nonfinite in ("stop", "skip"), f"reliability.nonfinite={self.nonfinite!r} must be stop or skip")
+        _check(self.max_skipped >= 1, f"reliability.max_skipped={self.max_skipped} must be >= 1")
+
+
 EVAL_SUITES = ("sugarcrepe", "aro", "valse", "zeroshot", "retrieval")  # degla_scale.eval runs them
 
 
@@ -300,6 +318,7 @@ class Config:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):

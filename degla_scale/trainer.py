@@ -35,6 +35,8 @@ from degla_scale.models import (  # noqa: E402
     MAX_LOGIT_SCALE, check_model, open_clip_layout, tokenizer, train_image_transform,
 )
 from degla_scale.objective import DeGLALoss, degla_loss  # noqa: E402
+from degla_scale.preemption import Preemption  # noqa: E402
+from degla_scale.reliability import GradientGate, NonFiniteError, NonFiniteWatch, install_gradient_gate  # noqa: E402
 from degla_scale.telemetry import Telemetry  # noqa: E402
 
 LOSS_TERMS = ("total", "clip", "igc", "tgc", "distill")
@@ -98,8 +100,13 @@ class Run:
     telemetry: Telemetry
     layout: checkpoint.Layout  # step 0: how this run is laid out over ranks
     normalize: DeviceNormalize  # uint8 batches → the model's normalised input, on the device
+    watch: NonFiniteWatch
+    gate: GradientGate | None  # ZeRO-0 fp32's non-finite check (DeepSpeed's optimizers make their own)
     step: int = 0
     position: DataPosition | None = None
+    skipped_in_row: int = 0  # reliability.nonfinite=skip: consecutive steps whose update was dropped
+    skipped_total: int = 0
+    last_saved: int | None = None  # the step of the newest checkpoint this run wrote or resumed from
 
     @property
     def run_dir(self) -> Path:
@@ -170,10 +177,11 @@ def setup(cfg: Config) -> Run | None:
     log = RunLog(Path(cfg.run_dir), enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
     run = Run(cfg, engine, teacher, reader, log, device, torch.bfloat16 if bf16 else torch.float32,
               steps_per_epoch, total_steps, Telemetry(device), layout,
-              DeviceNormalize(transform.mean, transform.std, device), position=DataPosition())
+              DeviceNormalize(transform.mean, transform.std, device), NonFiniteWatch(device),
+              install_gradient_gate(engine, skip=cfg.reliability.nonfinite == "skip"), position=DataPosition())
     if point is not None:
         run.position = checkpoint.load(point, universal, layout, engine, teacher, cfg.data.num_workers)
-        run.step = point.saved.step
+        run.step = run.last_saved = point.saved.step
     return run
 
 
@@ -202,25 +210,63 @@ def objective_loss(cfg: Config, img_BD, txt_ND, scale, t_img_BD, t_txt_ND) -> De
                       deterministic=obj.deterministic)
 
 
-def train_step(run: Run, batches: Iterator[Batch]) -> tuple[torch.Tensor, list[str]]:
+def train_step(run: Run, batches: Iterator[Batch]) -> tuple[torch.Tensor, list[str], bool]:
     """One optimizer step over `grad_accum` micro-batches, then the EMA update.
 
-    Returns the micro-batch-averaged loss terms [5] (this rank) and the sample keys consumed."""
+    Returns the micro-batch-averaged loss terms [5] (this rank), the sample keys consumed, and whether the
+    optimizer dropped the update for non-finite gradients (then the EMA is not updated either)."""
     terms = torch.zeros(len(LOSS_TERMS), device=run.device)
     keys: list[str] = []
+    skipped_before = run.engine.skipped_steps
     for _ in range(run.cfg.schedule.grad_accum):
         batch = next(batches)
         out = forward_backward(run, batch)
         run.engine.step()  # DeepSpeed steps the optimizer and scheduler at the accumulation boundary
         terms += torch.stack([getattr(out, t).detach().float() for t in LOSS_TERMS])
         keys.extend(batch.keys)
-    if run.teacher is not None:
-        run.teacher.update(run.engine.module)
+    skipped = run.engine.skipped_steps > skipped_before  # a host count: the optimizer read its verdict already
     run.step += 1
-    return terms / run.cfg.schedule.grad_accum, keys
+    run.watch.record(run.step, terms[1:], run.gate.bad if run.gate is not None else skipped)
+    if run.teacher is not None and not skipped:
+        run.teacher.update(run.engine.module)
+    return terms / run.cfg.schedule.grad_accum, keys, skipped
 
 
 # ---------------------------------------------------------------- the loop
+
+
+def _after_bad_steps(run: Run, skipped: bool) -> None:
+    """reliability.nonfinite=skip: count a dropped update, and stop after `max_skipped` in a row."""
+    if not skipped:
+        run.skipped_in_row = 0
+        return
+    run.skipped_in_row += 1
+    run.skipped_total += 1
+    limit = run.cfg.reliability.max_skipped
+    if run.cfg.reliability.nonfinite == "skip":
+        notice(f"step {run.step}: non-finite gradients, the update was skipped on every rank "
+               f"({run.skipped_in_row} in a row of at most reliability.max_skipped={limit})")
+    if run.skipped_in_row >= limit:
+        raise NonFiniteError(f"{run.skipped_in_row} steps in a row up to step {run.step} had non-finite gradients "
+                             f"(reliability.max_skipped={limit}): stopped without writing a checkpoint; "
+                             + _resume_hint(run))
+
+
+def _resume_hint(run: Run) -> str:
+    if run.last_saved is None:
+        return "no checkpoint was written, so a relaunch starts over: lower optim.lr or check the data"
+    return (f"relaunching with checkpoint.resume=auto continues from step {run.last_saved}; lower optim.lr or "
+            "check the data if it happens again")
+
+
+def _check_finite(run: Run) -> str | None:
+    """Collective, at log steps and before every checkpoint: under stop, end the run at the first non-finite
+    step; under skip, describe it for the log."""
+    found = run.watch.read()
+    if found is not None and run.cfg.reliability.nonfinite == "stop":
+        raise NonFiniteError(f"non-finite loss or gradients at {found} (reliability.nonfinite=stop): stopped "
+                             "without writing a checkpoint; " + _resume_hint(run))
+    return found
 
 
 def _log_record(run: Run, terms_sum: torch.Tensor, n: int, samples: int, seconds: float, keys: list[str]) -> dict:
@@ -233,6 +279,7 @@ def _log_record(run: Run, terms_sum: torch.Tensor, n: int, samples: int, seconds
     record["scale"] = float(run.engine.module.clip.logit_scale.detach().float().clamp(max=MAX_LOGIT_SCALE).exp().item())
     record["samples_per_s"] = samples * D.world_size() / max(seconds, 1e-9)
     record["rejected"] = dict(sum((Counter(r) for r in _gather_objects(run.position.rejected)), Counter()))
+    record["skipped_steps"] = run.skipped_total
     if run.cfg.logging.telemetry:
         record.update(run.telemetry.read())  # rank 0's GPU
     if run.cfg.logging.sample_ids:
@@ -267,6 +314,23 @@ def train(cfg: Config) -> dict:
 
         progress = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True)
 
+    preemption = Preemption()
+    try:
+        record = _loop(run, progress, preemption)
+    finally:
+        preemption.restore()
+        if progress is not None:
+            progress.close()
+    if run.step == run.total_steps:
+        finish(run)
+    else:  # preempted: the checkpoint is written
+        run.log.close()
+    return record
+
+
+def _loop(run: Run, progress, preemption: Preemption) -> dict:
+    """Steps to the end, or to the step after a preemption signal (then saved); returns the last log record."""
+    cfg = run.cfg
     micro_per_epoch = run.steps_per_epoch * cfg.schedule.grad_accum
     terms_sum, n, keys, t0 = torch.zeros(len(LOSS_TERMS), device=run.device), 0, [], time.perf_counter()
     record: dict = {}
@@ -275,27 +339,37 @@ def train(cfg: Config) -> dict:
             run.position = replace(run.position, epoch=run.position.epoch + 1, batches=0, consumed=[])
         batches = run.reader.epoch(run.position)
         while run.step < run.total_steps and run.position.batches < micro_per_epoch:
-            terms, step_keys = train_step(run, batches)
+            terms, step_keys, skipped = train_step(run, batches)
+            _after_bad_steps(run, skipped)
             terms_sum += terms
             n += 1
             keys.extend(step_keys)
             last = run.step == run.total_steps
-            if run.step % cfg.logging.every == 0 or last:
+            signal_name = preemption.requested()
+            log_now = run.step % cfg.logging.every == 0 or last
+            save_now = run.step % cfg.checkpoint.every == 0 or last or signal_name is not None
+            nonfinite = _check_finite(run) if log_now or save_now else None
+            if log_now:
                 record = _log_record(run, terms_sum, n, n * cfg.data.batch_size * cfg.schedule.grad_accum,
                                      time.perf_counter() - t0, keys)
+                if nonfinite is not None:
+                    record["nonfinite"] = nonfinite
                 run.log.write(record)
                 if progress is not None:
                     progress.set_postfix(loss=f"{record['loss.total']:.4f}", refresh=False)
                 terms_sum, n, keys, t0 = torch.zeros_like(terms_sum), 0, [], time.perf_counter()
-            if run.step % cfg.checkpoint.every == 0 or last:
+            if save_now:
                 checkpoint.save(run.ckpt_dir, replace(run.layout, step=run.step), run.engine, run.teacher,
                                 run.position, cfg.checkpoint.keep_last)
+                run.last_saved = run.step
             if progress is not None:
                 progress.update(1)
+            if signal_name is not None and not last:
+                run.log.write({"event": "preempted", "step": run.step, "signal": signal_name})
+                notice(f"{signal_name}: saved the checkpoint of step {run.step}/{run.total_steps} in {run.ckpt_dir} "
+                       "and stopped; relaunch the same command to continue")
+                return record
         del batches  # shuts the epoch's data workers down
-    if progress is not None:
-        progress.close()
-    finish(run)
     return record
 
 

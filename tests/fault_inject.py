@@ -1,0 +1,62 @@
+"""launch/train.py with faults injected, for the reliability tests (run by them through the launchers).
+
+FAULT_NAN_STEPS=3,4  FAULT_NAN_RANK=1   the loss term clip (hence the total) is NaN at those optimizer steps
+                                         on that rank (every rank when FAULT_NAN_RANK is unset)
+FAULT_DIGESTS=1                          after every step each rank appends to RUN_DIR/digests_rank{r}.jsonl a
+                                         hash of the student's module weights and of the EMA teacher
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launch"))
+
+import train as entry  # noqa: E402  launch/train.py
+
+from degla_scale import trainer  # noqa: E402
+from degla_scale import distributed as D  # noqa: E402
+
+
+def _digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+nan_steps = {int(s) for s in os.environ.get("FAULT_NAN_STEPS", "").split(",") if s}
+nan_rank = os.environ.get("FAULT_NAN_RANK")
+state = {"run": None}
+original_objective, original_step = trainer.objective_loss, trainer.train_step
+
+
+def objective_loss(*args, **kwargs):
+    out = original_objective(*args, **kwargs)
+    run = state["run"]
+    if run is not None and run.step + 1 in nan_steps and (nan_rank is None or int(nan_rank) == D.rank()):
+        nan_clip = out.clip * float("nan")
+        out = dataclasses.replace(out, clip=nan_clip, total=out.total + nan_clip)
+    return out
+
+
+def train_step(run, batches):
+    state["run"] = run
+    result = original_step(run, batches)
+    if os.environ.get("FAULT_DIGESTS"):
+        teacher = run.teacher.full_state_dict() if run.teacher is not None else {}
+        record = {"step": run.step, "skipped": bool(result[2]),
+                  "student": _digest(p for _, p in sorted(run.engine.module.state_dict().items())),
+                  "teacher": _digest(v for _, v in sorted(teacher.items()))}
+        with open(Path(run.cfg.run_dir) / f"digests_rank{D.rank()}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return result
+
+
+trainer.objective_loss, trainer.train_step = objective_loss, train_step
+
+if __name__ == "__main__":
+    sys.exit(entry.main())
