@@ -23,19 +23,28 @@ def notice(message: str) -> None:
 
 def user_errors() -> dict[type, str]:
     """Exception type → the prefix of its line."""
+    from degla_scale.checkpoint import CheckpointError
     from degla_scale.config import ConfigError
     from degla_scale.data.reader import DataError
     from degla_scale.eval.common import EvalDataError
     from degla_scale.export import ExportError
 
     return {ConfigError: "config error", DataError: "data error", EvalDataError: "evaluation data error",
-            ExportError: "export error"}
+            ExportError: "export error", CheckpointError: "checkpoint error"}
+
+
+STOPPED = 3  # training stopped itself (reliability.nonfinite=stop), its last good checkpoint kept
 
 
 def run(main: Callable[[], int]) -> int:
-    """`main()`'s exit code, or 2 after one line for a user error."""
+    """`main()`'s exit code, or 2 after one line for a user error (3 for a run that stopped itself)."""
+    from degla_scale.reliability import NonFiniteError
+
     try:
         return main()
+    except NonFiniteError as exc:
+        notice(f"training stopped: {exc}")
+        return STOPPED
     except Exception as exc:
         prefix = next((p for kind, p in user_errors().items() if isinstance(exc, kind)), None)
         if prefix is None:

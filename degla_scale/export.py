@@ -6,12 +6,21 @@ custom architectures included.
 
 The student comes from the fp32 master weights where ZeRO keeps them (stages 1-3, merged from every rank's
 optimizer partition by DeepSpeed's own `zero_to_fp32`), else from the module weights (stage 0). The
-teacher comes from `teacher.pt`, the whole fp32 EMA that every checkpoint holds.
+teacher comes from `teacher.pt`, the whole fp32 EMA that every checkpoint holds. Only a complete checkpoint
+(degla_scale.checkpoint's manifest and checksums) is read.
+
+Checkpoints and `.pt` files may come from anywhere: every file is unpickled weights-only (tensors, plain
+containers and the few DeepSpeed record types of DEEPSPEED_SAFE_GLOBALS), DeepSpeed's own loaders included,
+so a file that would run code on loading is refused with one ExportError line instead.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import pickle
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,16 +37,107 @@ class ExportError(ValueError):
     """The path is not a checkpoint this module can read; the message names it and the fix."""
 
 
+# What DeepSpeed (0.19) pickles beside tensors and plain containers into its checkpoint files, found with
+# torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-0/1/2/3 checkpoints in fp32 and bf16 and on a
+# universal checkpoint: the model states need none, the optimizer states these three. Each is a plain record
+# (an Enum, a dataclass, an object with attributes only) that unpickles without running code.
+DEEPSPEED_SAFE_GLOBALS = (("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                          ("deepspeed.utils.tensor_fragment", "fragment_address"),
+                          ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"))
+
+
+def deepspeed_safe_globals() -> list:
+    import importlib
+
+    return [getattr(importlib.import_module(module), name) for module, name in DEEPSPEED_SAFE_GLOBALS]
+
+
+@contextmanager
+def weights_only_loads():
+    """Within it every torch.load is weights-only, also DeepSpeed's own, which pass weights_only=False
+    (torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides that), with DEEPSPEED_SAFE_GLOBALS allowed."""
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
+def unsafe_pickle_reason(exc: pickle.UnpicklingError) -> str:
+    """The object a weights-only load refused, in a few words (torch's message runs over many lines)."""
+    text = str(exc)
+    found = re.search(r"GLOBAL (\S+)", text) or re.search(r"WeightsUnpickler error: ([^.\n]+)", text)
+    return f"pickles {found.group(1)}" if found else "pickles more than tensors"
+
+
+def unsafe_pickle_in(files) -> tuple[Path, list[str]] | None:
+    """The first of `files` whose pickle names a global that a weights-only load refuses, and those globals;
+    None when there is none. Reads each file's pickle only (torch's static scan), not its tensors: a clean
+    one-line refusal before a loader (DeepSpeed's, with its progress bars) starts. The forced weights-only
+    load stays the guard: the scan sees no object built on the fly."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    allowed = {f"{module}.{name}" for module, name in DEEPSPEED_SAFE_GLOBALS}
+    for path in files:
+        try:
+            unsafe = sorted(set(get_unsafe_globals_in_checkpoint(str(path))) - allowed)
+        except Exception:  # not a zip-format torch file (or unreadable): left to the weights-only load
+            continue
+        if unsafe:
+            return Path(path), unsafe
+    return None
+
+
+def refusal(source, what: str) -> str:
+    """The one line that refuses a file: `source` (a path) `what` (e.g. "pickles builtins.exec")."""
+    return f"{source} {what}, not plain weights: refused, as loading it could run code; use files from a source you trust"
+
+
+def refused(source, exc: pickle.UnpicklingError) -> ExportError:
+    return ExportError(refusal(source, unsafe_pickle_reason(exc)))
+
+
+def load_weights(path: Path):
+    """torch.load of a file that may come from anywhere: weights-only (see weights_only_loads), on the CPU;
+    a file that pickles anything else, or is no torch file, is an ExportError."""
+    try:
+        with weights_only_loads():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise refused(path, exc) from None
+    except (RuntimeError, EOFError) as exc:
+        raise ExportError(f"{path} is not a readable torch file ({' '.join(str(exc).split())[:200]}): is it truncated? "
+                          "copy it again") from None
+
+
 def resolve_tag_dir(path: str | Path) -> Path:
-    """A run directory, its `checkpoints/` folder (→ the `latest` tag) or one tag folder → the tag folder."""
+    """A run directory or its `checkpoints/` folder (→ its newest complete checkpoint: `latest`'s when that is
+    complete) or one tag folder (which must be complete) → the tag folder."""
+    from degla_scale.checkpoint import TAG, check_complete, newest_complete
+
     path = Path(path)
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    if (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()
+    if (path / "latest").is_file() or any(TAG.fullmatch(p.name) for p in path.glob("step*")):
+        tag_dir, problems = newest_complete(path)
+        if tag_dir is None:
+            raise ExportError(f"{path} holds no complete checkpoint ({'; '.join(problems)}): pass a complete "
+                              "checkpoints/stepNNNNNNNN folder, or copy the checkpoint again")
+        if problems:
+            log.warning("%s: %s: exporting %s, the newest complete checkpoint", path, "; ".join(problems), tag_dir.name)
+        path = tag_dir
     if not any(path.glob("*mp_rank_00_model_states.pt")):
         raise ExportError(f"{path} holds no DeepSpeed checkpoint (no *mp_rank_00_model_states.pt): pass a run "
                           "directory, its checkpoints/ folder or a checkpoints/stepNNNNNNNN folder")
+    problem = check_complete(path)
+    if problem is not None:
+        raise ExportError(f"{path} is not a complete checkpoint: it {problem}; export another checkpoint "
+                          "(its checkpoints/ folder picks the newest complete one), or copy this one again")
     return path
 
 
@@ -60,21 +160,31 @@ def checkpoint_state_dict(path: str | Path, which: str = "student") -> dict[str,
     or from a `.pt` state dict already in that layout (a run's `final/student.pt`)."""
     path = Path(path)
     if path.is_file():
-        return {k: v.float() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+        state = load_weights(path)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ExportError(f"{path} is not a state dict of tensors (a run's final/student.pt or teacher.pt is)")
+        return {k: v.float() for k, v in state.items()}
     tag_dir = resolve_tag_dir(path)
     if which == "teacher":
         teacher_file = tag_dir / "teacher.pt"
         if not teacher_file.is_file():
             raise ExportError(f"{tag_dir} has no teacher.pt: the run had no EMA teacher, export the student")
-        state = torch.load(teacher_file, map_location="cpu", weights_only=True)["module"]
+        state = load_weights(teacher_file)["module"]
     elif which != "student":
         raise ExportError(f"which={which!r}: choose student or teacher")
     elif _is_zero_partitioned(tag_dir):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        unsafe = unsafe_pickle_in(sorted(tag_dir.glob("*.pt")))
+        if unsafe is not None:
+            raise ExportError(refusal(unsafe[0], f"pickles {', '.join(unsafe[1][:3])}"))
+        try:
+            with weights_only_loads():  # zero_to_fp32 passes weights_only=False to torch.load
+                state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        except pickle.UnpicklingError as exc:
+            raise refused(f"a file of {tag_dir}", exc) from None
     else:
-        state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        state = load_weights(tag_dir / "mp_rank_00_model_states.pt")["module"]
     return {k: v.float().contiguous() for k, v in open_clip_layout(state).items()}
 
 

@@ -77,7 +77,7 @@ class EMATeacher:
             torch.save({"alpha": self.alpha, "updates": self.updates, "module": self.full_state_dict()}, tag_dir / "teacher.pt")
 
     def load(self, tag_dir: Path, rank: int) -> None:
-        state = torch.load(tag_dir / "teacher.pt", map_location="cpu")
+        state = torch.load(tag_dir / "teacher.pt", map_location="cpu", weights_only=True)
         self.module.load_state_dict(state["module"])
         self.updates = state["updates"]
         self.refresh()

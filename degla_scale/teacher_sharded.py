@@ -122,13 +122,13 @@ class _ShardedEMA:
         """This rank's shards if saved by as many ranks; otherwise re-partition the whole fp32 EMA."""
         self.wait()
         shard_file = tag_dir / f"teacher_shard_rank{rank}.pt"
-        saved = torch.load(shard_file, map_location="cpu") if shard_file.is_file() else None
+        saved = torch.load(shard_file, map_location="cpu", weights_only=True) if shard_file.is_file() else None
         if saved is not None and saved["world"] == self.world:
             for shard, value in zip(self.shards, saved["shards"]):
                 shard.copy_(value)
             self.updates = saved["updates"]
         else:
-            state = torch.load(tag_dir / "teacher.pt", map_location="cpu")
+            state = torch.load(tag_dir / "teacher.pt", map_location="cpu", weights_only=True)
             staged = [torch.zeros(s.numel(), dtype=torch.float32) for s in self.shards]
             for slot in self.slots:
                 if slot.name not in state["module"]:
