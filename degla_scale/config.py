@@ -247,7 +247,7 @@ class CheckpointConfig:
     every: int = 500
     """Save a DeepSpeed checkpoint every this many optimizer steps (and at the end)."""
     keep_last: int = 3
-    """Checkpoints kept on disk; older ones are deleted."""
+    """Complete checkpoints kept on disk; older ones are deleted once a newer one is complete."""
     resume: str = "auto"
     """auto = continue from the latest checkpoint in the run directory if there is one; none = start fresh."""
 

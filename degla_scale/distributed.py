@@ -26,8 +26,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def local_world_size() -> int:
+    """Ranks on this node: the DeepSpeed launcher sets LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE."""
+    return int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def from_slurm(env: dict) -> dict:
+    """The launcher variables of a rank started by SLURM's `srun` (one task per GPU, no launcher): RANK,
+    WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE from SLURM's; MASTER_ADDR/PORT come from the batch script.
+    Empty unless this is such a task."""
+    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) < 2:
+        return {}
+    # SLURM_TASKS_PER_NODE reads like "4(x2)" or "4,3"; this node's count is SLURM_NTASKS_PER_NODE when given
+    per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1").split("(")[0].split(",")[0]
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "LOCAL_WORLD_SIZE": str(int(per_node))}
+
+
 def ensure_launcher_env() -> None:
-    """Let `python launch/train.py` run as a one-process job without a launcher."""
+    """Let `python launch/train.py` run as a one-process job without a launcher, or as one task of `srun`."""
+    os.environ.update(from_slurm(os.environ))
+    if "SLURM_PROCID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" not in os.environ:
+        from degla_scale.config import ConfigError
+
+        raise ConfigError("srun started this rank without MASTER_ADDR: export MASTER_ADDR=$(scontrol show hostnames "
+                          "$SLURM_JOB_NODELIST | head -n 1) and MASTER_PORT in the batch script (README: multi-node)")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

@@ -33,8 +33,7 @@ def init_runtime(cfg: Config) -> tuple[torch.device, bool]:
     else:  # share the cores between the ranks on this machine, leaving one per data worker:
         # oversubscribed cores make OpenMP threads spin-wait, which costs more than a thread gains
         device = torch.device("cpu")
-        local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", D.world_size())))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world - cfg.data.num_workers))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // D.local_world_size() - cfg.data.num_workers))
     bf16 = cfg.zero.precision == "bf16" or (cfg.zero.precision == "auto" and device.type == "cuda")
     return device, bf16
 

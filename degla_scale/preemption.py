@@ -1,5 +1,7 @@
 """Preemption: SIGTERM (a scheduler's stop) or SIGUSR1 (SLURM's `--signal=USR1@T`, sent before the time
-limit) on any rank makes every rank finish its step, save a checkpoint and exit 0.
+limit) on any rank makes every rank finish its step, save a checkpoint and exit 0 (the trainer saves at
+the next step where the EMA teacher refreshes, so that the resumed run is the uninterrupted one: at most
+teacher.refresh_every − 1 steps later).
 
 The handler only records the signal. After each step the ranks agree on it with one tiny all-reduce of a
 CPU tensor over a gloo group (the step's own collectives already keep the ranks in lockstep, so it waits
@@ -18,14 +20,13 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Preemption:
-    """Install in the main thread before the loop; `requested()` after every step; `restore()` at the end."""
+    """Install in the main thread first thing (a signal during start-up is kept for the first step);
+    `requested()` after every step; `restore()` at the end."""
 
     def __init__(self):
         self.received: int | None = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
-        self._group = None
-        if D.is_dist():
-            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        self._group = None  # made on first use, once the process group exists
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
@@ -33,7 +34,9 @@ class Preemption:
     def requested(self) -> str | None:
         """Collective: the signal's name if any rank has received one, else None."""
         flag = torch.tensor([self.received or 0], dtype=torch.int64)
-        if self._group is not None:
+        if D.is_dist():
+            if self._group is None:
+                self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return signal.Signals(int(flag)).name if int(flag) else None
 

@@ -41,8 +41,10 @@ class NonFiniteWatch:
 
     def record(self, step: int, loss_terms_T: torch.Tensor, grads_bad: torch.Tensor | bool) -> None:
         """`loss_terms_T`: this step's [clip, igc, tgc, distill] (any micro-batch non-finite taints the sum)."""
-        bad_F = torch.cat([~torch.isfinite(loss_terms_T),
-                           torch.as_tensor(grads_bad, device=self.device).reshape(1)])
+        # a host bool becomes a fill kernel's argument: no host-to-device copy, which would wait for the GPU
+        grads_1 = grads_bad.reshape(1).to(self.device) if torch.is_tensor(grads_bad) else \
+            torch.full((1,), bool(grads_bad), dtype=torch.bool, device=self.device)
+        bad_F = torch.cat([~torch.isfinite(loss_terms_T), grads_1])
         new = bad_F.any() & (self.first_step == 0)
         self.first_step = torch.where(new, step, self.first_step)
         self.what_F = torch.where(new, bad_F, self.what_F)

@@ -5,8 +5,8 @@ Shapes: images [b, 3, H, W]; tokens [b·(1+K), L]; embeddings img_BD [b, D], txt
 from __future__ import annotations
 
 import os
+import socket
 import time
-from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +29,7 @@ from degla_scale.data.reader import (  # noqa: E402
 )
 from degla_scale.data.images import DeviceNormalize, TrainImageTransform  # noqa: E402
 from degla_scale.data.mds import MDSReader, mds_stats  # noqa: E402
+from degla_scale.data.rejects import check_reject_budget, reject_totals  # noqa: E402
 from degla_scale.logs import RunLog, plot_loss_curves  # noqa: E402
 from degla_scale.export import engine_state_dict  # noqa: E402
 from degla_scale.models import (  # noqa: E402
@@ -259,6 +260,13 @@ def _resume_hint(run: Run) -> str:
             "check the data if it happens again")
 
 
+def _teacher_refreshed(run: Run) -> bool:
+    """Whether the EMA teacher's forward copy was just refreshed. A checkpoint is a refresh point (the resumed
+    run refreshes on load), so an unscheduled save elsewhere would steer the run off the uninterrupted one's
+    course: a preemption save waits for the next refresh, at most teacher.refresh_every − 1 steps."""
+    return run.teacher is None or run.teacher.updates % run.cfg.teacher.refresh_every == 0
+
+
 def _check_finite(run: Run) -> str | None:
     """Collective, at log steps and before every checkpoint: under stop, end the run at the first non-finite
     step; under skip, describe it for the log."""
@@ -278,7 +286,7 @@ def _log_record(run: Run, terms_sum: torch.Tensor, n: int, samples: int, seconds
     record.update({f"loss.{t}": v for t, v in zip(LOSS_TERMS, terms)})
     record["scale"] = float(run.engine.module.clip.logit_scale.detach().float().clamp(max=MAX_LOGIT_SCALE).exp().item())
     record["samples_per_s"] = samples * D.world_size() / max(seconds, 1e-9)
-    record["rejected"] = dict(sum((Counter(r) for r in _gather_objects(run.position.rejected)), Counter()))
+    record["rejected"], record["samples_read"], record["reject_examples"] = reject_totals(_gather_objects(run.position))
     record["skipped_steps"] = run.skipped_total
     if run.cfg.logging.telemetry:
         record.update(run.telemetry.read())  # rank 0's GPU
@@ -297,16 +305,27 @@ def _gather_objects(obj) -> list:
 
 
 def train(cfg: Config) -> dict:
-    """Run (or resume) training to the end; returns the last log record (empty for a run already complete)."""
-    run = setup(cfg)
-    if run is None:
-        return {}
+    """Run (or resume) training to the end, or to a preemption signal; returns the last log record (empty
+    for a run already complete)."""
+    preemption = Preemption()
+    try:
+        run = setup(cfg)
+        if run is None:
+            return {}
+        return _train(run, preemption)
+    finally:
+        preemption.restore()
+
+
+def _train(run: Run, preemption: Preemption) -> dict:
     cfg = run.cfg  # data.batch_size=auto resolved
     rank0 = D.rank() == 0
+    ranks = _gather_objects({"host": socket.gethostname(), "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
+                             "local_world_size": D.local_world_size(), "cpu_threads": torch.get_num_threads()})
     if rank0:
         run_config.save(Path(cfg.run_dir), cfg)
         run.log.write({"event": "start", "step": run.step, "total_steps": run.total_steps,
-                       "steps_per_epoch": run.steps_per_epoch, "world_size": D.world_size(),
+                       "steps_per_epoch": run.steps_per_epoch, "world_size": D.world_size(), "ranks": ranks,
                        "resumed": run.step > 0, "data_position": run.position.to_json()})
     progress = None
     if rank0 and cfg.logging.progress:
@@ -314,11 +333,9 @@ def train(cfg: Config) -> dict:
 
         progress = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True)
 
-    preemption = Preemption()
     try:
         record = _loop(run, progress, preemption)
     finally:
-        preemption.restore()
         if progress is not None:
             progress.close()
     if run.step == run.total_steps:
@@ -345,9 +362,12 @@ def _loop(run: Run, progress, preemption: Preemption) -> dict:
             n += 1
             keys.extend(step_keys)
             last = run.step == run.total_steps
+            due = run.step % cfg.checkpoint.every == 0 or last
             signal_name = preemption.requested()
+            if signal_name is not None and not (due or _teacher_refreshed(run)):
+                signal_name = None  # not yet: see _teacher_refreshed
             log_now = run.step % cfg.logging.every == 0 or last
-            save_now = run.step % cfg.checkpoint.every == 0 or last or signal_name is not None
+            save_now = due or signal_name is not None
             nonfinite = _check_finite(run) if log_now or save_now else None
             if log_now:
                 record = _log_record(run, terms_sum, n, n * cfg.data.batch_size * cfg.schedule.grad_accum,
@@ -355,6 +375,8 @@ def _loop(run: Run, progress, preemption: Preemption) -> dict:
                 if nonfinite is not None:
                     record["nonfinite"] = nonfinite
                 run.log.write(record)
+                check_reject_budget(record["rejected"], record["samples_read"], record["reject_examples"],
+                                    cfg.data.max_rejected_fraction)  # every rank holds the same totals
                 if progress is not None:
                     progress.set_postfix(loss=f"{record['loss.total']:.4f}", refresh=False)
                 terms_sum, n, keys, t0 = torch.zeros_like(terms_sum), 0, [], time.perf_counter()

@@ -81,7 +81,7 @@ def convert_records(parser, args, kind: str, inputs: list[str]) -> int:
                "jsonl": lambda: C.read_jsonl(Path(inputs[0]), root, side),
                "wds": lambda: C.read_wds(inputs[0], side)}[kind]()
     report = C.convert(records, Path(args.out), args.format, args.num_negatives, args.shard_size, args.workers)
-    print(json.dumps({k: v for k, v in report.items() if k != "shards"}))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("shards", "shard_samples")}))
     if report["num_samples"] == 0:
         reasons = {r: n for r, n in report["rejected"].items() if n}
         raise C.DataError(f"all {report['read']} records were rejected ({reasons}), so {args.out} holds no samples: "

@@ -41,3 +41,23 @@ def mds_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "finetune_mds"
     write_shards(out, "finetune", seed=0, num_samples=96, num_negatives=2, shard_size=8, workers=1, fmt="mds")
     return out
+
+
+@pytest.fixture(scope="session")
+def two_rank_reference(tmp_path_factory):
+    """Uninterrupted 2-rank runs of 5 steps (checkpoints every 2) through the DeepSpeed launcher, one per shard
+    format, on shards of their own (the same samples as `shards`), built on first use and shared by the
+    resume tests of every module: get(fmt) → (the data overrides, the run's records by step)."""
+    from degla_scale.data.synthetic import write_shards
+    from test_trainer import launch_two_ranks
+
+    root, runs, ports = tmp_path_factory.mktemp("reference"), {}, iter(range(29551, 29560))
+
+    def get(fmt: str) -> tuple[list[str], dict]:
+        data_dir = root / f"finetune_{fmt}"
+        data = [f"data.format={fmt}", f"data.train_shards={data_dir}"]
+        if fmt not in runs:
+            write_shards(data_dir, "finetune", seed=0, num_samples=96, num_negatives=2, shard_size=8, workers=1, fmt=fmt)
+            runs[fmt] = launch_two_ranks(data_dir, root / f"run_{fmt}", next(ports), *data, "checkpoint.every=2", steps=5)
+        return data, runs[fmt]
+    return get

@@ -79,7 +79,8 @@ def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path, shards, stage):
         assert got[part].keys() == want[part].keys()
         for name in want[part]:
             torch.testing.assert_close(got[part][name], want[part][name], rtol=0, atol=0, msg=f"{part} {name}")
-    assert got["position"] == {"epoch": 0, "batches": 4, "consumed": [64], "rejected": {}, "stream": None}  # 4 steps × 16
+    assert got["position"] == {"epoch": 0, "batches": 4, "consumed": [64], "rejected": {}, "stream": None,
+                               "samples_read": 64, "reject_examples": {}}  # 4 steps × 16
 
     resumed = steps_of(one)
     start = [r for r in records(one) if r.get("event") == "start"]

@@ -45,7 +45,7 @@ if torch.cuda.is_available():
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     for _ in range(3):
-        terms, _ = trainer.train_step(run, batches)
+        terms, *_ = trainer.train_step(run, batches)
 torch.cuda.is_available() and torch.cuda.set_sync_debug_mode("default")
 step_calls = calls[:] + [f"sync warning at {w.filename}:{w.lineno}" for w in caught
                          if w.filename.startswith(OURS) and "synchroniz" in str(w.message)]

@@ -84,37 +84,84 @@ def launch_two_ranks(shards, run_dir, port, *extra, steps=4, script=ROOT / "laun
     return steps_of(run_dir) if (Path(run_dir) / "train.jsonl").exists() else {}
 
 
+def start_two_ranks(shards, run_dir, port, *extra, steps=5):
+    """`deepspeed --num_gpus 2` in its own process group, not waited for."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    return subprocess.Popen(["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(ROOT / "launch/train.py"),
+                             "--config", str(ROOT / "configs/tiny.yaml"), *overrides(shards, run_dir, steps=steps),
+                             *extra], cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(run_dir, step, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "train.jsonl").exists() and max(steps_of(run_dir), default=0) >= step:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{run_dir} never reached step {step}")
+
+
+def assert_continues_the_reference(run_dir, reference, steps=5):
+    """The relaunch resumed where a checkpoint was and saw the reference run's samples and losses from there."""
+    starts = [r for r in records(run_dir) if r.get("event") == "start"]
+    assert [s["resumed"] for s in starts] == [False, True] and starts[1]["step"] >= 1
+    after = {r["step"]: r for r in records(run_dir)[records(run_dir).index(starts[1]):] if "loss.total" in r}
+    assert sorted(after) == list(range(starts[1]["step"] + 1, steps + 1))
+    for step, r in after.items():
+        assert r["sample_ids"] == reference[step]["sample_ids"], f"step {step} saw other samples"
+        assert r["loss.total"] == pytest.approx(reference[step]["loss.total"], rel=1e-4), step
+    return starts[1]["step"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["wds", "mds"])
-def test_two_ranks_sigkill_mid_epoch_and_relaunch_see_the_same_samples(tmp_path, shards, mds_shards, fmt):
+def test_two_ranks_sigkill_mid_epoch_and_relaunch_see_the_same_samples(tmp_path, shards, two_rank_reference, fmt):
     """Both ranks killed mid-epoch (SIGKILL to the launcher's process group), relaunched: every step after
     the checkpoint sees, on each rank, exactly the samples of the uninterrupted run."""
-    data = [f"data.format={fmt}", f"data.train_shards={shards if fmt == 'wds' else mds_shards}"]
-    steps = 5  # 96 samples / (2 ranks × 8) = 6 steps per epoch: the kill and the resume land mid-epoch
-    reference = launch_two_ranks(shards, tmp_path / "reference", 29551, *data, "checkpoint.every=2", steps=steps)
-
+    data, reference = two_rank_reference(fmt)  # 96 samples / (2 ranks × 8) = 6 steps per epoch: all mid-epoch
     killed = tmp_path / "killed"
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    proc = subprocess.Popen(["deepspeed", "--num_gpus", "2", "--master_port", "29552", str(ROOT / "launch/train.py"),
-                             "--config", str(ROOT / "configs/tiny.yaml"), *overrides(shards, killed, steps=steps), *data,
-                             "checkpoint.every=2"], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_two_ranks(shards, killed, 29562, *data, "checkpoint.every=2")
     deadline = time.time() + 240
     while time.time() < deadline and not (killed / "checkpoints/step00000002").is_dir() or \
             ((killed / "train.jsonl").exists() and max(steps_of(killed), default=0) < 3):
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert max(steps_of(killed)) < steps, "the run must be killed before its end"
-    launch_two_ranks(shards, killed, 29553, *data, "checkpoint.every=2", steps=steps)
-    starts = [r for r in records(killed) if r.get("event") == "start"]
-    assert [s["resumed"] for s in starts] == [False, True] and starts[1]["step"] >= 2
-    after = {r["step"]: r for r in records(killed)[records(killed).index(starts[1]):] if "loss.total" in r}
-    assert sorted(after) == list(range(starts[1]["step"] + 1, steps + 1))
-    for step, r in after.items():
-        assert r["sample_ids"] == reference[step]["sample_ids"], f"step {step} saw other samples"
-    seen = [k for step in range(1, steps + 1) for ids in reference[step]["sample_ids"] for k in ids]
-    assert len(seen) == len(set(seen)) == steps * 16  # within an epoch no sample twice
+    proc.communicate()
+    assert max(steps_of(killed)) < 5, "the run must be killed before its end"
+    launch_two_ranks(shards, killed, 29563, *data, "checkpoint.every=2", steps=5)
+    assert assert_continues_the_reference(killed, reference) >= 2
+    seen = [k for step in range(1, 6) for ids in reference[step]["sample_ids"] for k in ids]
+    assert len(seen) == len(set(seen)) == 5 * 16  # within an epoch no sample twice
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt,sig", [("wds", signal.SIGTERM), ("mds", signal.SIGUSR1)], ids=["wds-SIGTERM", "mds-SIGUSR1"])
+def test_preemption_signal_on_one_rank_saves_and_relaunch_continues(tmp_path, shards, two_rank_reference, fmt, sig):
+    """A scheduler's signal to rank 1 alone, mid-epoch: both ranks finish the step (up to the next teacher
+    refresh or due checkpoint), save, say so in one line and exit 0 before the end; the same command then
+    continues with the uninterrupted run's samples and losses."""
+    import psutil
+
+    data, reference = two_rank_reference(fmt)
+    run_dir = tmp_path / "preempted"
+    proc = start_two_ranks(shards, run_dir, 29564, *data, "checkpoint.every=2")  # as the reference: a checkpoint refreshes the teacher
+    wait_for_step(run_dir, 1, proc)
+    rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True)  # the rank, not its data workers
+             if "--local_rank=1" in p.cmdline() and "--local_rank=1" not in p.parent().cmdline()]
+    assert len(rank1) == 1
+    rank1[0].send_signal(sig)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    said = [line for line in stderr.splitlines() if line.startswith(f"{sig.name}: saved the checkpoint of step")]
+    assert len(said) == 1, stderr[-3000:]
+    preempted = [r for r in records(run_dir) if r.get("event") == "preempted"]
+    assert len(preempted) == 1 and preempted[0]["signal"] == sig.name and 1 <= preempted[0]["step"] < 5
+    assert preempted[0]["step"] in (2, 4)  # a due checkpoint or a teacher refresh (every 4)
+    assert (run_dir / f"checkpoints/step{preempted[0]['step']:08d}/manifest.json").is_file()
+    assert not (run_dir / "final").exists()
+    launch_two_ranks(shards, run_dir, 29565, *data, "checkpoint.every=2", steps=5)
+    assert assert_continues_the_reference(run_dir, reference) == preempted[0]["step"]
 
 
 @pytest.fixture(scope="module")

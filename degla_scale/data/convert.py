@@ -223,6 +223,8 @@ def convert(records: Iterator[Raw], out_dir: Path, fmt: str, num_negatives: int,
     distinct = len({image for d in shards for image in d["images"]})
     report = {"format": fmt, "num_samples": written, "num_negatives": num_negatives,
               "shards": [d["shard"] for d in shards], "read": written + len(rejects),
+              # per shard, so a reader can count what a damaged shard lost (degla_scale/data/reader.py)
+              "shard_samples": {d["shard"]: d["written"] for d in shards},
               "rejected": {r: reasons.get(r, 0) for r in REASONS},
               # every negative is stored; the reader picks K of them, so K may be at most min_negatives
               "min_negatives": min(per_sample, default=0), "max_negatives": max(per_sample, default=0),
