@@ -9,7 +9,9 @@ for nothing, and it never touches the GPU), so all of them stop after the same s
 """
 from __future__ import annotations
 
+import os
 import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -45,8 +47,19 @@ class Preemption:
             signal.signal(sig, handler)
 
 
+WORKER_GRACE_S = 60  # a data worker outlives a SIGTERM by this long at most
+
+
 def ignore_in_worker(_worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: a scheduler signals every process of the job, data workers included;
-    they keep serving the last step's batches, and end with their rank."""
-    for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    """DataLoader `worker_init_fn`: a scheduler signals every process of the job, data workers included. They
+    ignore SIGUSR1, and after SIGTERM keep serving batches for WORKER_GRACE_S, so that their rank can finish its
+    step and save; the rank normally shuts them down before that. (Ignoring SIGTERM for good would hang an exit
+    in which Python's multiprocessing terminates and joins them.)"""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_later)
+
+
+def _exit_later(signum, frame) -> None:
+    timer = threading.Timer(WORKER_GRACE_S, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()

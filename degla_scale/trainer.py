@@ -33,7 +33,7 @@ from degla_scale.data.rejects import check_reject_budget, reject_totals  # noqa:
 from degla_scale.logs import RunLog, plot_loss_curves  # noqa: E402
 from degla_scale.export import engine_state_dict  # noqa: E402
 from degla_scale.models import (  # noqa: E402
-    MAX_LOGIT_SCALE, check_model, open_clip_layout, tokenizer, train_image_transform,
+    check_model, open_clip_layout, tokenizer, train_image_transform,
 )
 from degla_scale.objective import DeGLALoss, degla_loss  # noqa: E402
 from degla_scale.preemption import Preemption  # noqa: E402
@@ -108,6 +108,7 @@ class Run:
     skipped_in_row: int = 0  # reliability.nonfinite=skip: consecutive steps whose update was dropped
     skipped_total: int = 0
     last_saved: int | None = None  # the step of the newest checkpoint this run wrote or resumed from
+    scale: torch.Tensor | None = None  # the clamped logit scale of the last forward (ZeRO-3 holds no whole parameter)
 
     @property
     def run_dir(self) -> Path:
@@ -194,6 +195,7 @@ def forward_backward(run: Run, batch: Batch) -> DeGLALoss:
     images = run.normalize(batch.images.to(run.device, non_blocking=True), run.input_dtype)  # uint8 crosses
     tokens = batch.tokens.to(run.device, non_blocking=True)
     img_BD, txt_ND, scale = run.engine(images, tokens)
+    run.scale = scale.detach()
     t_img_BD = t_txt_ND = None
     if run.teacher is not None:
         t_img_BD, t_txt_ND = run.teacher.encode(images, tokens)
@@ -284,7 +286,7 @@ def _log_record(run: Run, terms_sum: torch.Tensor, n: int, samples: int, seconds
     terms = (terms_sum / (n * D.world_size())).tolist()
     record = {"step": run.step, "epoch": run.position.epoch, "lr": run.engine.get_lr()[0]}
     record.update({f"loss.{t}": v for t, v in zip(LOSS_TERMS, terms)})
-    record["scale"] = float(run.engine.module.clip.logit_scale.detach().float().clamp(max=MAX_LOGIT_SCALE).exp().item())
+    record["scale"] = float(run.scale.float().reshape(-1)[0].item())
     record["samples_per_s"] = samples * D.world_size() / max(seconds, 1e-9)
     record["rejected"], record["samples_read"], record["reject_examples"] = reject_totals(_gather_objects(run.position))
     record["skipped_steps"] = run.skipped_total
@@ -355,43 +357,45 @@ def _loop(run: Run, progress, preemption: Preemption) -> dict:
         if run.position.batches >= micro_per_epoch:
             run.position = replace(run.position, epoch=run.position.epoch + 1, batches=0, consumed=[])
         batches = run.reader.epoch(run.position)
-        while run.step < run.total_steps and run.position.batches < micro_per_epoch:
-            terms, step_keys, skipped = train_step(run, batches)
-            _after_bad_steps(run, skipped)
-            terms_sum += terms
-            n += 1
-            keys.extend(step_keys)
-            last = run.step == run.total_steps
-            due = run.step % cfg.checkpoint.every == 0 or last
-            signal_name = preemption.requested()
-            if signal_name is not None and not (due or _teacher_refreshed(run)):
-                signal_name = None  # not yet: see _teacher_refreshed
-            log_now = run.step % cfg.logging.every == 0 or last
-            save_now = due or signal_name is not None
-            nonfinite = _check_finite(run) if log_now or save_now else None
-            if log_now:
-                record = _log_record(run, terms_sum, n, n * cfg.data.batch_size * cfg.schedule.grad_accum,
-                                     time.perf_counter() - t0, keys)
-                if nonfinite is not None:
-                    record["nonfinite"] = nonfinite
-                run.log.write(record)
-                check_reject_budget(record["rejected"], record["samples_read"], record["reject_examples"],
-                                    cfg.data.max_rejected_fraction)  # every rank holds the same totals
+        try:
+            while run.step < run.total_steps and run.position.batches < micro_per_epoch:
+                terms, step_keys, skipped = train_step(run, batches)
+                _after_bad_steps(run, skipped)
+                terms_sum += terms
+                n += 1
+                keys.extend(step_keys)
+                last = run.step == run.total_steps
+                due = run.step % cfg.checkpoint.every == 0 or last
+                signal_name = preemption.requested()
+                if signal_name is not None and not (due or _teacher_refreshed(run)):
+                    signal_name = None  # not yet: see _teacher_refreshed
+                log_now = run.step % cfg.logging.every == 0 or last
+                save_now = due or signal_name is not None
+                nonfinite = _check_finite(run) if log_now or save_now else None
+                if log_now:
+                    record = _log_record(run, terms_sum, n, n * cfg.data.batch_size * cfg.schedule.grad_accum,
+                                         time.perf_counter() - t0, keys)
+                    if nonfinite is not None:
+                        record["nonfinite"] = nonfinite
+                    run.log.write(record)
+                    check_reject_budget(record["rejected"], record["samples_read"], record["reject_examples"],
+                                        cfg.data.max_rejected_fraction)  # every rank holds the same totals
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{record['loss.total']:.4f}", refresh=False)
+                    terms_sum, n, keys, t0 = torch.zeros_like(terms_sum), 0, [], time.perf_counter()
+                if save_now:
+                    checkpoint.save(run.ckpt_dir, replace(run.layout, step=run.step), run.engine, run.teacher,
+                                    run.position, cfg.checkpoint.keep_last)
+                    run.last_saved = run.step
                 if progress is not None:
-                    progress.set_postfix(loss=f"{record['loss.total']:.4f}", refresh=False)
-                terms_sum, n, keys, t0 = torch.zeros_like(terms_sum), 0, [], time.perf_counter()
-            if save_now:
-                checkpoint.save(run.ckpt_dir, replace(run.layout, step=run.step), run.engine, run.teacher,
-                                run.position, cfg.checkpoint.keep_last)
-                run.last_saved = run.step
-            if progress is not None:
-                progress.update(1)
-            if signal_name is not None and not last:
-                run.log.write({"event": "preempted", "step": run.step, "signal": signal_name})
-                notice(f"{signal_name}: saved the checkpoint of step {run.step}/{run.total_steps} in {run.ckpt_dir} "
-                       "and stopped; relaunch the same command to continue")
-                return record
-        del batches  # shuts the epoch's data workers down
+                    progress.update(1)
+                if signal_name is not None and not last:
+                    run.log.write({"event": "preempted", "step": run.step, "signal": signal_name})
+                    notice(f"{signal_name}: saved the checkpoint of step {run.step}/{run.total_steps} in {run.ckpt_dir} "
+                           "and stopped; relaunch the same command to continue")
+                    return record
+        finally:  # shuts the epoch's data workers down, also when a step raised (they ignore SIGTERM)
+            batches.close()
     return record
 
 

@@ -3,7 +3,7 @@
 FAULT_NAN_STEPS=3,4  FAULT_NAN_RANK=1   the loss term clip (hence the total) is NaN at those optimizer steps
                                          on that rank (every rank when FAULT_NAN_RANK is unset)
 FAULT_DIGESTS=1                          after every step each rank appends to RUN_DIR/digests_rank{r}.jsonl a
-                                         hash of the student's module weights and of the EMA teacher
+                                         hash of the student's weights (fp32 masters where ZeRO keeps them) and of the EMA teacher
 """
 import dataclasses
 import hashlib
@@ -19,6 +19,7 @@ import train as entry  # noqa: E402  launch/train.py
 
 from degla_scale import trainer  # noqa: E402
 from degla_scale import distributed as D  # noqa: E402
+from degla_scale.export import engine_state_dict  # noqa: E402
 
 
 def _digest(tensors) -> str:
@@ -49,7 +50,7 @@ def train_step(run, batches):
     if os.environ.get("FAULT_DIGESTS"):
         teacher = run.teacher.full_state_dict() if run.teacher is not None else {}
         record = {"step": run.step, "skipped": bool(result[2]),
-                  "student": _digest(p for _, p in sorted(run.engine.module.state_dict().items())),
+                  "student": _digest(v for _, v in sorted(engine_state_dict(run.engine).items())),  # fp32 masters
                   "teacher": _digest(v for _, v in sorted(teacher.items()))}
         with open(Path(run.cfg.run_dir) / f"digests_rank{D.rank()}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
