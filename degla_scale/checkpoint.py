@@ -330,19 +330,17 @@ def _weights_only(source: Path):
 
 def _refuse_unsafe_pickles(tag_dir: Path) -> None:
     """CheckpointError naming the first file of `tag_dir` whose pickle holds more than weights (a static scan)."""
-    from degla_scale.export import refusal, unsafe_pickle_in
+    from degla_scale.export import refuse_unsafe_pickles
 
-    unsafe = unsafe_pickle_in(sorted(tag_dir.glob("*.pt")))
-    if unsafe is not None:
-        raise CheckpointError(refusal(unsafe[0], f"pickles {', '.join(unsafe[1][:3])}"))
+    refuse_unsafe_pickles(tag_dir, CheckpointError)
 
 
 # ds_to_universal in a child process, its torch.loads (weights_only=False in DeepSpeed) forced weights-only
 # (TORCH_FORCE_WEIGHTS_ONLY_LOAD in its environment) with the DeepSpeed record types allowed.
 _TO_UNIVERSAL = """
-import importlib, torch
-from degla_scale.export import DEEPSPEED_SAFE_GLOBALS
-torch.serialization.add_safe_globals([getattr(importlib.import_module(m), n) for m, n in DEEPSPEED_SAFE_GLOBALS])
+import torch
+from degla_scale.export import deepspeed_safe_globals
+torch.serialization.add_safe_globals(deepspeed_safe_globals())
 from deepspeed.checkpoint.ds_to_universal import main, parse_arguments
 main(parse_arguments())
 """

@@ -93,6 +93,13 @@ def unsafe_pickle_in(files) -> tuple[Path, list[str]] | None:
     return None
 
 
+def refuse_unsafe_pickles(folder: Path, error: type[Exception] = ExportError) -> None:
+    """`error` naming the first `.pt` file of `folder` whose pickle holds more than weights (the static scan)."""
+    unsafe = unsafe_pickle_in(sorted(Path(folder).glob("*.pt")))
+    if unsafe is not None:
+        raise error(refusal(unsafe[0], f"pickles {', '.join(unsafe[1][:3])}"))
+
+
 def refusal(source, what: str) -> str:
     """The one line that refuses a file: `source` (a path) `what` (e.g. "pickles builtins.exec")."""
     return f"{source} {what}, not plain weights: refused, as loading it could run code; use files from a source you trust"
@@ -123,8 +130,9 @@ def resolve_tag_dir(path: str | Path) -> Path:
     path = Path(path)
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    if (path / "latest").is_file() or any(TAG.fullmatch(p.name) for p in path.glob("step*")):
-        tag_dir, problems = newest_complete(path)
+    chosen = (path / "latest").is_file() or any(TAG.fullmatch(p.name) for p in path.glob("step*"))
+    if chosen:
+        tag_dir, problems = newest_complete(path)  # verified, checksums included
         if tag_dir is None:
             raise ExportError(f"{path} holds no complete checkpoint ({'; '.join(problems)}): pass a complete "
                               "checkpoints/stepNNNNNNNN folder, or copy the checkpoint again")
@@ -134,7 +142,7 @@ def resolve_tag_dir(path: str | Path) -> Path:
     if not any(path.glob("*mp_rank_00_model_states.pt")):
         raise ExportError(f"{path} holds no DeepSpeed checkpoint (no *mp_rank_00_model_states.pt): pass a run "
                           "directory, its checkpoints/ folder or a checkpoints/stepNNNNNNNN folder")
-    problem = check_complete(path)
+    problem = None if chosen else check_complete(path)  # a tag folder given directly
     if problem is not None:
         raise ExportError(f"{path} is not a complete checkpoint: it {problem}; export another checkpoint "
                           "(its checkpoints/ folder picks the newest complete one), or copy this one again")
@@ -175,9 +183,7 @@ def checkpoint_state_dict(path: str | Path, which: str = "student") -> dict[str,
     elif _is_zero_partitioned(tag_dir):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        unsafe = unsafe_pickle_in(sorted(tag_dir.glob("*.pt")))
-        if unsafe is not None:
-            raise ExportError(refusal(unsafe[0], f"pickles {', '.join(unsafe[1][:3])}"))
+        refuse_unsafe_pickles(tag_dir)
         try:
             with weights_only_loads():  # zero_to_fp32 passes weights_only=False to torch.load
                 state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
