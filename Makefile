@@ -14,6 +14,8 @@ $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt $(TORCH_PIN)
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# the tests read clip-benchmark's packaged prompt files only, so without its heavy metric dependencies
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps clip-benchmark==1.6.2
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -23,6 +23,8 @@ install_requires = [
     "huggingface_hub",  # imported directly: models checks the weight cache before trying a download
     "openai>=1.40",  # make_negatives: the client for OpenAI-compatible chat endpoints (vLLM, llama.cpp, hosted)
 ]
+CLIP_BENCHMARK = "clip-benchmark==1.6.2"  # the Makefile installs the same pin for the tests
+
 if sys.platform.startswith("linux"):
     install_requires.append("triton")
 
@@ -34,5 +36,13 @@ setup(
     packages=find_packages(include=["degla_scale", "degla_scale.*", "kernels", "kernels.*"]),
     package_data={"degla_scale": ["model_configs/*.json"]},
     install_requires=install_requires,
-    extras_require={"dev": ["pytest>=8"]},
+    extras_require={
+        # ARO's COCO-/Flickr30k-Order perturbations, as its perturbations.py makes them: spaCy tags nouns and
+        # adjectives (plus its model: python -m spacy download en_core_web_sm), NLTK tokenises the trigram ones
+        # (plus its data: python -m nltk.downloader punkt_tab)
+        "aro": ["spacy>=3.7,<4", "nltk>=3.9"],
+        # zero-shot prompts and class names for datasets other than ImageNet (read from its packaged JSON files)
+        "zeroshot": [CLIP_BENCHMARK],
+        "dev": ["pytest>=8", "nltk>=3.9"],
+    },
 )

@@ -26,11 +26,12 @@ def user_errors() -> dict[type, str]:
     from degla_scale.checkpoint import CheckpointError
     from degla_scale.config import ConfigError
     from degla_scale.data.reader import DataError
-    from degla_scale.eval.common import EvalDataError
+    from degla_scale.eval.common import EvalDataError, EvalDependencyError
     from degla_scale.export import ExportError
 
     return {ConfigError: "config error", DataError: "data error", EvalDataError: "evaluation data error",
-            ExportError: "export error", CheckpointError: "checkpoint error"}
+            ExportError: "export error", CheckpointError: "checkpoint error",
+            EvalDependencyError: "missing evaluation dependency"}
 
 
 STOPPED = 3  # training stopped itself (reliability.nonfinite=stop), its last good checkpoint kept

@@ -274,33 +274,98 @@ EVAL_SUITES = ("sugarcrepe", "aro", "valse", "zeroshot", "retrieval")  # degla_s
 
 
 @dataclass
+class SugarCrepeEvalConfig:
+    root: Optional[str] = None
+    """Folder of the subset JSONs (the release's data/); null = <data_root>/sugarcrepe."""
+    image_root: Optional[str] = None
+    """COCO val2017 image folder (main_eval.py's --coco_image_root); null = <root>/images."""
+    subsets: list[str] = field(default_factory=lambda: [
+        "replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att"])
+    """SugarCrepe-format files to evaluate (file stems); the default is the 7 released subsets."""
+
+
+@dataclass
+class AroEvalConfig:
+    root: Optional[str] = None
+    """Folder of visual_genome_relation.json, visual_genome_attribution.json and images/ (ARO_ROOT);
+    null = <data_root>/aro."""
+    coco_root: Optional[str] = None
+    """COCO-Order: the folder holding coco_karpathy_test.json and val2014/ (ARO's COCO_ROOT); null = <root>/coco."""
+    flickr30k_root: Optional[str] = None
+    """Flickr30k-Order: the folder holding flickr30k_test.json and flickr30k-images/ (FLICKR_ROOT);
+    null = <root>/flickr30k."""
+    subsets: list[str] = field(default_factory=lambda: ["vg_relation", "vg_attribution", "coco_order", "flickr30k_order"])
+    """ARO subsets to evaluate; the order ones need `pip install .[aro]` (spaCy and NLTK)."""
+    seed: int = 1
+    """Seed of the order perturbations, as main_aro.py's --seed (default 1) seeds numpy's and Python's generators."""
+
+
+@dataclass
+class ValseEvalConfig:
+    root: Optional[str] = None
+    """Folder holding data/<piece>.json as released; null = <data_root>/valse."""
+    image_dirs: dict[str, str] = field(default_factory=dict)
+    """Image folder per source dataset, for any of visual7w, coco_val2017, swig, coco_train2014, coco_val2014,
+    visdial_val2018; unset ones default to <root>/images/... (degla_scale/eval/valse.py)."""
+    pieces: list[str] = field(default_factory=lambda: [
+        "existence", "plurals", "counting-hard", "counting-small-quant", "counting-adversarial", "relations",
+        "action-replacement", "actant-swap", "coreference-standard", "coreference-hard", "foil-it"])
+    """VALSE pieces (file stems under <root>/data/)."""
+
+
+@dataclass
+class ZeroShotEvalConfig:
+    root: Optional[str] = None
+    """ImageFolder dataset folder, or a folder of them; null = <data_root>/zeroshot."""
+    datasets: Optional[list[str]] = None
+    """Dataset folders under root; null = root itself if it is one dataset, else every sub-folder."""
+    templates_file: Optional[str] = None
+    """JSON {dataset: [template with {c}], ...} replacing the packaged templates (CLIP_benchmark's
+    --custom_template_file format; a dataset it lacks takes its "imagenet1k" entry)."""
+    classnames_file: Optional[str] = None
+    """JSON {dataset: [class name, ...]} replacing the packaged class names (CLIP_benchmark's
+    --custom_classname_file format)."""
+
+
+@dataclass
+class RetrievalEvalConfig:
+    root: Optional[str] = None
+    """Folder of the annotation files (BLIP's ann_root: coco_karpathy_test.json, flickr30k_test.json), each
+    also looked for in <root>/<dataset>/; null = <data_root>/retrieval."""
+    coco_image_root: Optional[str] = None
+    """Folder the COCO file's "image" paths (val2014/...) start from (BLIP's image_root); null = the json's folder."""
+    flickr30k_image_root: Optional[str] = None
+    """Folder the Flickr30k file's "image" paths (flickr30k-images/...) start from; null = the json's folder."""
+    datasets: list[str] = field(default_factory=lambda: ["coco", "flickr30k"])
+    """Retrieval test splits to evaluate: coco, flickr30k."""
+    max_words: int = 30
+    """Captions are cut to this many words by BLIP's pre_caption (its retrieval configs use 30)."""
+
+
+@dataclass
 class EvalConfig:
     data_root: str = "data/synthetic"
     """Folder holding one sub-folder per suite (sugarcrepe/, aro/, valse/, zeroshot/, retrieval/) in the
-    benchmark's released layout; each suite module's docstring gives its layout."""
+    benchmark's released layout, for every suite whose own root is null (README: Evaluation)."""
     suites: list[str] = field(default_factory=lambda: ["sugarcrepe", "zeroshot"])
     """Suites to run: any of sugarcrepe, aro, valse, zeroshot, retrieval."""
-    sugarcrepe_subsets: list[str] = field(default_factory=lambda: [
-        "replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att"])
-    """SugarCrepe-format files to evaluate (file stems); the default is the 7 released subsets."""
-    aro_subsets: list[str] = field(default_factory=lambda: ["vg_relation", "vg_attribution", "coco_order", "flickr30k_order"])
-    """ARO subsets to evaluate."""
-    valse_pieces: list[str] = field(default_factory=lambda: [
-        "existence", "plurals", "counting-hard", "counting-small-quant", "counting-adversarial", "relations",
-        "action-replacement", "actant-swap", "coreference-standard", "coreference-hard", "foil-it"])
-    """VALSE pieces (file stems under valse/data/)."""
-    zeroshot_datasets: Optional[list[str]] = None
-    """Zero-shot dataset folders under zeroshot/; null = zeroshot/ itself if it is one dataset, else every sub-folder."""
-    retrieval_datasets: list[str] = field(default_factory=lambda: ["coco", "flickr30k"])
-    """Retrieval test splits (Karpathy JSON files) under retrieval/."""
     batch_size: int = 256
     """Images or texts per evaluation batch."""
+    sugarcrepe: SugarCrepeEvalConfig = field(default_factory=SugarCrepeEvalConfig)
+    aro: AroEvalConfig = field(default_factory=AroEvalConfig)
+    valse: ValseEvalConfig = field(default_factory=ValseEvalConfig)
+    zeroshot: ZeroShotEvalConfig = field(default_factory=ZeroShotEvalConfig)
+    retrieval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
 
     def __post_init__(self):
         _check(self.batch_size >= 1, f"evaluation.batch_size={self.batch_size} must be >= 1")
         unknown = [s for s in self.suites if s not in EVAL_SUITES]
         _check(bool(self.suites) and not unknown,
                f"evaluation.suites={self.suites} names unknown suites {unknown}: choose from {list(EVAL_SUITES)}")
+
+    def root(self, suite: str) -> str:
+        """The folder a suite reads: its own `root`, else <data_root>/<suite>."""
+        return getattr(self, suite).root or f"{self.data_root}/{suite}"
 
 
 @dataclass

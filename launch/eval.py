@@ -33,7 +33,7 @@ def evaluate_models(parser, args, overrides) -> int:
     import torch
 
     from degla_scale.config import load_config
-    from degla_scale.eval import comparison_chart, comparison_table, evaluate
+    from degla_scale.eval import averages_note, comparison_chart, comparison_table, evaluate, prepare
     from degla_scale.eval.models import ModelSpec, load_encoder
 
     cfg = load_config(args.config, overrides)
@@ -41,15 +41,20 @@ def evaluate_models(parser, args, overrides) -> int:
         specs = [ModelSpec.parse(text) for text in args.model]
     except ValueError as exc:
         parser.error(str(exc))
+    for spec in specs:
+        spec.check()
+    suites = prepare(cfg.evaluation)  # every file, image and tagger checked before the first model loads
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {}
     for spec in specs:
         encoder = load_encoder(spec, cfg.model, cfg.evaluation.batch_size, device)
-        results[spec.label] = evaluate(encoder, cfg.evaluation)
+        results[spec.label] = evaluate(encoder, suites)
     args.out.mkdir(parents=True, exist_ok=True)
     sources = {s.label: f"{s.source}#{s.which}" for s in specs}
-    (args.out / "results.json").write_text(json.dumps({"models": sources, "results": results}, indent=1))
-    table = comparison_table(results)
+    averages = averages_note(results)
+    (args.out / "results.json").write_text(json.dumps({"models": sources, "results": results,
+                                                       "averages": averages}, indent=1))
+    table = comparison_table(results) + "\n\n" + "\n".join(f"- {line}" for line in averages)
     (args.out / "table.md").write_text(table + "\n")
     comparison_chart(results, args.out / "chart.png")
     print(table)

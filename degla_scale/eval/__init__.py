@@ -1,37 +1,56 @@
 """Evaluation suites over one `Encoder`, and side-by-side reports of several models.
 
-Each suite reads its benchmark's released files from `data_root/<suite>/` (layouts in the suite modules):
-sugarcrepe, aro, valse, zeroshot, retrieval. Results are {suite: {metric: percent}}.
+Each suite reads its benchmark's released files in the release's own layout (layouts and download sources in
+the suite modules and README: Evaluation) and scores them as the benchmark's official code does:
+sugarcrepe, aro, valse, zeroshot, retrieval. `prepare` reads and checks every requested suite (files, images,
+the ARO order subsets' tagger and their perturbations) once, before any model is loaded; `evaluate` then
+scores one model on all of them. Results are {suite: Scores}, each {metric: percent} with `averaged_over`.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from degla_scale.config import EVAL_SUITES as SUITES, EvalConfig
-from degla_scale.eval.common import Encoder
+from degla_scale.eval.common import Encoder, Scores, Suite
 
 
-def evaluate_suite(suite: str, encoder: Encoder, root: Path, ev: EvalConfig) -> dict[str, float]:
+def prepare_suite(suite: str, ev: EvalConfig) -> Suite:
+    root = Path(ev.root(suite))
     if suite == "sugarcrepe":
-        from degla_scale.eval.sugarcrepe import evaluate_sugarcrepe
-        return evaluate_sugarcrepe(encoder, root, ev.sugarcrepe_subsets)
+        from degla_scale.eval.sugarcrepe import prepare_sugarcrepe
+        return prepare_sugarcrepe(root, ev.sugarcrepe)
     if suite == "aro":
-        from degla_scale.eval.aro import evaluate_aro
-        return evaluate_aro(encoder, root, ev.aro_subsets)
+        from degla_scale.eval.aro import prepare_aro
+        return prepare_aro(root, ev.aro)
     if suite == "valse":
-        from degla_scale.eval.valse import evaluate_valse
-        return evaluate_valse(encoder, root, ev.valse_pieces)
+        from degla_scale.eval.valse import prepare_valse
+        return prepare_valse(root, ev.valse)
     if suite == "zeroshot":
-        from degla_scale.eval.zeroshot import evaluate_zeroshot
-        return evaluate_zeroshot(encoder, root, ev.zeroshot_datasets)
+        from degla_scale.eval.zeroshot import prepare_zeroshot
+        return prepare_zeroshot(root, ev.zeroshot)
     if suite == "retrieval":
-        from degla_scale.eval.retrieval import evaluate_retrieval
-        return evaluate_retrieval(encoder, root, ev.retrieval_datasets)
+        from degla_scale.eval.retrieval import prepare_retrieval
+        return prepare_retrieval(root, ev.retrieval)
     raise ValueError(f"evaluation suite {suite!r} is not one of {SUITES}")
 
 
-def evaluate(encoder: Encoder, ev: EvalConfig) -> dict[str, dict[str, float]]:
-    return {suite: evaluate_suite(suite, encoder, Path(ev.data_root) / suite, ev) for suite in ev.suites}
+def prepare(ev: EvalConfig) -> dict[str, Suite]:
+    """Every suite of `ev.suites`, read and checked: a missing file, image or tagger fails here, in one line."""
+    return {suite: prepare_suite(suite, ev) for suite in ev.suites}
+
+
+def evaluate(encoder: Encoder, suites: dict[str, Suite]) -> dict[str, Scores]:
+    return {name: suite.score(encoder) for name, suite in suites.items()}
+
+
+def averages_note(results: dict[str, dict[str, Scores]]) -> list[str]:
+    """One line per reported average: what it is the mean of (the first model that reports it says)."""
+    seen: dict[str, list[str]] = {}
+    for per_model in results.values():
+        for suite, scores in per_model.items():
+            for key, members in getattr(scores, "averaged_over", {}).items():
+                seen.setdefault(f"{suite}/{key}", members)
+    return [f"{key} = mean of {', '.join(members)}" for key, members in seen.items()]
 
 
 def _rows(results: dict[str, dict]) -> list[tuple[str, str]]:

@@ -1,39 +1,45 @@
 """ARO (Attribution, Relation, Order; Yuksekgonul et al., "When and why vision-language models behave like
-bags-of-words", ICLR 2023; github.com/mertyg/vision-language-models-are-bows), scored from an `Encoder`.
+bags-of-words", ICLR 2023; github.com/mertyg/vision-language-models-are-bows), scored from an `Encoder` as the
+release's `dataset_zoo/aro_datasets.py` scores it (`VG_Relation`, `VG_Attribution`, `COCO_Order`,
+`Flickr30k_Order` and their `evaluate_scores`; perturbations from `dataset_zoo/perturbations.py` `TextShuffler`).
 
 Four subsets, each reported in percent:
 
 * ``vg_relation``: each case is a Visual Genome image cropped to the box around a relation, a true caption and
-  the same caption with subject and object swapped. Correct iff cos(img, true) > cos(img, false) strictly (a
-  tie is wrong). Macro accuracy over ``relation_name``, leaving out the relations the benchmark's release
-  excludes as symmetric (`SYMMETRIC_RELATIONS`, copied from its replication notebook), because swapping the
-  arguments of "next to" does not make the caption false.
+  the same caption with subject and object swapped. Correct iff argmax over [false, true] is the true one, so a
+  tie is wrong (``evaluate_scores``: ``preds == 1``). Macro accuracy over ``relation_name``, leaving out the
+  relations the release excludes as symmetric (`SYMMETRIC_RELATIONS`, from its replication notebook), because
+  swapping the arguments of "next to" does not make the caption false.
 * ``vg_attribution``: the same with the two attributes swapped. Macro accuracy over attribute pairs, keyed as
   the release does (``f"{attributes[0]}_{attributes[1]}"``, order kept) and, as it does, leaving out pairs with
   fewer than `ATTRIBUTION_MIN_COUNT` (25) cases.
 * ``coco_order`` / ``flickr30k_order``: every (image, caption) of the Karpathy test split against four
-  word-order perturbations of that caption that this module generates (`order_perturbations`, seeded).
-  Precision@1: correct iff the true caption's similarity is strictly greater than all four perturbations'. As
-  in the release, every option goes through `normalise_caption` (lower case, punctuation dropped, 30 words).
+  word-order perturbations of that caption (`order_perturbations`, as `TextShuffler` makes them). Precision@1:
+  correct iff argmax over [caption, 4 perturbations] is 0 (``evaluate_scores``: ``preds == 0``), so a
+  perturbation that left the caption unchanged ties it and resolves to the caption: correct. Every option goes
+  through BLIP's `pre_caption` with 30 words, as the release does.
 
-Layout under `root` (file names as the benchmark and BLIP release them)::
+Layout, as the release reads it (``ARO_ROOT``, ``COCO_ROOT``, ``FLICKR_ROOT`` in its constants.py)::
 
     root/visual_genome_relation.json     VG-Relation: [{"image_path", "bbox_x", "bbox_y", "bbox_w", "bbox_h",
                                            "true_caption", "false_caption", "relation_name", ...}, ...]
     root/visual_genome_attribution.json  VG-Attribution: the same fields with "attributes": [a, b] instead
                                            of "relation_name"
     root/images/                         the VG (GQA subset) images both files name in "image_path"
-    root/coco_karpathy_test.json         [{"image": "val2014/COCO_val2014_....jpg", "caption": [...]}, ...]
-    root/coco/                           COCO 2014 image root: root/coco/val2014/COCO_val2014_....jpg
-    root/flickr30k_test.json             [{"image": "flickr30k-images/....jpg", "caption": [...]}, ...]
-    root/flickr30k/                      Flickr30k image root: root/flickr30k/flickr30k-images/....jpg
+    coco_root/coco_karpathy_test.json    [{"image": "val2014/COCO_val2014_....jpg", "caption": [...]}, ...]
+    coco_root/val2014/                   COCO 2014 val images (image paths are coco_root/<"image">)
+    flickr30k_root/flickr30k_test.json   [{"image": "flickr30k-images/....jpg", "caption": [...]}, ...]
+    flickr30k_root/flickr30k-images/     Flickr30k images
 
-Every file a requested subset needs is checked before anything is embedded; a missing one is an
-`EvalDataError` naming it (no requested subset is skipped).
+``coco_root`` and ``flickr30k_root`` default to root/coco and root/flickr30k (``evaluation.aro.*``). Every file
+a requested subset needs is checked before anything is embedded; a missing one is an `EvalDataError` naming it.
 
-The order perturbations need part-of-speech tags. `tagger` is any callable text -> [(token, universal POS)];
-the default is spaCy's ``en_core_web_sm`` (what the benchmark uses), loaded only when an order subset is asked
-for. All four perturbations shuffle the tagger's tokens (the release tokenises the trigram ones with NLTK).
+The order perturbations need spaCy's ``en_core_web_sm`` (Penn tags of nouns and adjectives) and NLTK's
+``word_tokenize`` (the trigram ones), the optional extra ``pip install .[aro]`` plus their data; both are
+checked when the subsets are prepared, before any model loads (`prepare_aro`). The random draws follow the
+release too: numpy's global generator for the two noun/adjective shuffles and Python's for the trigram ones,
+both seeded with ``seed`` (main_aro.py's ``seed_all(args.seed)``, default 1) before the first caption, one
+subset per run, so the same spaCy and NLTK versions give the same perturbations.
 """
 from __future__ import annotations
 
@@ -44,14 +50,19 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from degla_scale.config import AroEvalConfig
 from degla_scale.eval.common import (
     Encoder,
     EvalDataError,
+    EvalDependencyError,
     ImageRef,
+    Scores,
     pairwise_correct,
+    pre_caption,
     read_json,
     require,
     require_images,
@@ -86,22 +97,19 @@ SYMMETRIC_RELATIONS = frozenset([
     "on the side of", "around",
 ])
 ATTRIBUTION_MIN_COUNT = 25  # the release's VG_Attribution.evaluate_scores drops attribute pairs with fewer cases
-MAX_WORDS = 30  # the release truncates every order option to 30 words
+MAX_WORDS = 30  # COCO_Order / Flickr30k_Order's max_words: every option is pre_caption'ed to 30 words
 
-# Universal tags the noun/adjective perturbations move: the release selects Penn tags NN, NNS, NNP, NNPS
-# (nouns, proper nouns included) and JJ, JJR, JJS (adjectives).
-NOUN_TAGS = frozenset({"NOUN", "PROPN"})
-ADJ_TAGS = frozenset({"ADJ"})
+# Penn Treebank tags (spaCy's token.tag_) the release's TextShuffler moves as nouns and as adjectives.
+NOUN_TAGS = frozenset({"NN", "NNS", "NNP", "NNPS"})
+ADJ_TAGS = frozenset({"JJ", "JJR", "JJS"})
 PERTURBATIONS = ("shuffle_nouns_and_adj", "shuffle_allbut_nouns_and_adj", "shuffle_within_trigrams",
                  "shuffle_trigrams")  # the order `order_perturbations` returns them in (the release's order)
 
-Tagger = Callable[[str], Sequence[tuple[str, str]]]
+Tagger = Callable[[str], Sequence[tuple[str, str]]]  # text -> [(token, Penn tag)], as spaCy's tokens give them
+Tokenizer = Callable[[str], list[str]]  # text -> tokens, as nltk.word_tokenize gives them
 
-SPACY_FIX = "pip install spacy && python -m spacy download en_core_web_sm"
-
-
-class TaggerUnavailableError(ImportError):
-    """The default part-of-speech tagger (spaCy en_core_web_sm) cannot be loaded; the message names the fix."""
+ARO_FIX = ("pip install '.[aro]' && python -m spacy download en_core_web_sm && python -m nltk.downloader punkt_tab "
+           "(or leave coco_order and flickr30k_order out of evaluation.aro.subsets)")
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
@@ -121,109 +129,104 @@ def macro_accuracy(correct_N: torch.Tensor, groups: Sequence[str], exclude: froz
     return 100.0 * sum(kept) / len(kept)
 
 
+
 def order_correct(img_ND: torch.Tensor, opt_NKD: torch.Tensor) -> torch.Tensor:
-    """[N] bool: option 0 (the true caption) is strictly more similar to the image than every other option,
-    so a perturbation that ties it (e.g. a shuffle that happened to change nothing) makes the case wrong."""
-    sim_NK = torch.einsum("nd,nkd->nk", img_ND, opt_NKD)
-    return sim_NK[:, 0] > sim_NK[:, 1:].amax(dim=1)
+    """[N] bool: option 0 (the caption) is the argmax of the image's similarities to [caption, perturbations],
+    numpy's argmax taking the first of equal maxima, as the release's `evaluate_scores` does: a perturbation
+    identical to the caption (a shuffle that changed nothing) ties it, and the case counts as correct."""
+    sim_NK = torch.einsum("nd,nkd->nk", img_ND.float(), opt_NKD.float()).numpy()
+    return torch.from_numpy(np.argmax(sim_NK, axis=-1) == 0)
 
 
 # ------------------------------------------------------------------------------------------ order perturbations
 
-def normalise_caption(caption: str, max_words: int = MAX_WORDS) -> str:
-    """The release's caption clean-up (BLIP's `pre_caption`): lower case, . ! " ( ) * # : ; ~ become spaces,
-    runs of whitespace collapse, ends are stripped, and at most `max_words` words are kept."""
-    text = caption.lower()
-    for char in '.!"()*#:;~':
-        text = text.replace(char, " ")
-    text = " ".join(text.split())
-    return " ".join(text.split(" ")[:max_words])
+@dataclass(frozen=True)
+class OrderRandom:
+    """The release's two random streams: numpy's global generator (the noun/adjective shuffles) and Python's
+    (the trigram ones), each seeded by main_aro.py's `seed_all(seed)`; kept as objects so that one subset's
+    draws do not depend on another's."""
+
+    numpy: np.random.RandomState
+    python: random.Random
+
+    @classmethod
+    def seeded(cls, seed: int) -> "OrderRandom":
+        return cls(np.random.RandomState(seed), random.Random(seed))
 
 
-def _shuffled_at(words: list[str], positions: list[int], rng: random.Random) -> list[str]:
-    """A copy of `words` whose words at `positions` are permuted among those positions; the rest stay put."""
-    moved = [words[i] for i in positions]
-    rng.shuffle(moved)
-    out = list(words)
-    for i, word in zip(positions, moved):
-        out[i] = word
-    return out
+def _trigrams(tokens: list[str]) -> list[list[str]]:
+    """Consecutive groups of three tokens, the last possibly shorter (the release's `get_trigrams`)."""
+    return [tokens[i:i + 3] for i in range(0, len(tokens), 3)]
 
 
-def _trigrams(words: list[str]) -> list[list[str]]:
-    """Consecutive groups of three words (the last may be shorter)."""
-    return [words[i:i + 3] for i in range(0, len(words), 3)]
+def order_perturbations(caption: str, tagger: Tagger, tokenize: Tokenizer, rng: OrderRandom) -> list[str]:
+    """The release's four word-order perturbations of `caption`, in `PERTURBATIONS` order (not yet
+    pre_caption'ed), drawing from `rng` in the release's order:
 
-
-def order_perturbations(caption: str, tagger: Tagger, rng: random.Random) -> list[str]:
-    """The benchmark's four word-order perturbations of `caption`, in `PERTURBATIONS` order, each the
-    space-joined tokens of the tagger (not yet normalised):
-
-    1. nouns permuted among noun positions and adjectives among adjective positions, all else in place;
-    2. every other token permuted among the remaining positions, nouns and adjectives in place;
-    3. the tokens inside each consecutive trigram permuted, trigrams in place;
-    4. the trigrams permuted as wholes.
-
-    Deterministic given the state of `rng` (the evaluator seeds one per subset)."""
+    1. the tagger's nouns permuted among noun positions, then its adjectives among adjective positions;
+    2. every token that is neither permuted among the remaining positions;
+    3. `tokenize`'s tokens permuted inside each consecutive trigram;
+    4. those trigrams permuted as wholes."""
     tagged = list(tagger(caption))
-    words = [word for word, _ in tagged]
+    tokens_T = np.array([token for token, _ in tagged])
     nouns = [i for i, (_, tag) in enumerate(tagged) if tag in NOUN_TAGS]
     adjectives = [i for i, (_, tag) in enumerate(tagged) if tag in ADJ_TAGS]
-    content = set(nouns) | set(adjectives)
-    others = [i for i in range(len(words)) if i not in content]
+    nouns_and_adj = tokens_T.copy()
+    nouns_and_adj[nouns] = rng.numpy.permutation(nouns_and_adj[nouns])
+    nouns_and_adj[adjectives] = rng.numpy.permutation(nouns_and_adj[adjectives])
+    others_T = np.ones(len(tagged), dtype=bool)
+    others_T[nouns + adjectives] = False
+    allbut = tokens_T.copy()
+    allbut[others_T] = rng.numpy.permutation(allbut[others_T])
 
-    nouns_and_adj = _shuffled_at(_shuffled_at(words, nouns, rng), adjectives, rng)
-    allbut = _shuffled_at(words, others, rng)
-    within = []
-    for trigram in _trigrams(words):
-        rng.shuffle(trigram)
-        within += trigram
-    trigrams = _trigrams(words)
-    rng.shuffle(trigrams)
-    across = [word for trigram in trigrams for word in trigram]
-    return [" ".join(option) for option in (nouns_and_adj, allbut, within, across)]
-
-
-def order_options(caption: str, tagger: Tagger, rng: random.Random) -> list[str]:
-    """[true, 4 perturbations], normalised as the release feeds them to the model."""
-    return [normalise_caption(text) for text in [caption, *order_perturbations(caption, tagger, rng)]]
+    within = _trigrams(tokenize(caption))
+    for trigram in within:
+        rng.python.shuffle(trigram)
+    across = _trigrams(tokenize(caption))
+    rng.python.shuffle(across)
+    return [" ".join(nouns_and_adj), " ".join(allbut),
+            " ".join(" ".join(trigram) for trigram in within), " ".join(" ".join(trigram) for trigram in across)]
 
 
-def ptb_to_universal(tag: str, pos: str) -> str:
-    """The universal tag that makes the perturbations move exactly the tokens the release moves (Penn NN*/JJ*
-    tags): Penn nouns/adjectives map to NOUN/PROPN/ADJ, and a token spaCy calls NOUN/PROPN/ADJ with another
-    Penn tag (e.g. AFX) becomes X so that it stays put."""
-    if tag in ("NN", "NNS"):
-        return "NOUN"
-    if tag in ("NNP", "NNPS"):
-        return "PROPN"
-    if tag in ("JJ", "JJR", "JJS"):
-        return "ADJ"
-    return "X" if pos in NOUN_TAGS | ADJ_TAGS else pos
+def order_options(caption: str, tagger: Tagger, tokenize: Tokenizer, rng: OrderRandom) -> list[str]:
+    """[caption, 4 perturbations], each through `pre_caption(.., 30)` as the release feeds them to the model."""
+    perturbed = order_perturbations(caption, tagger, tokenize, rng)
+    return [pre_caption(text, MAX_WORDS) for text in [caption, *perturbed]]
 
 
 @lru_cache(maxsize=1)
 def _spacy_pipeline():
-    """spaCy's en_core_web_sm, loaded once; only the tagger is needed, so parser/NER/lemmatiser are disabled."""
+    """spaCy's en_core_web_sm, loaded once; the tags need only its tagger, so parser/NER/lemmatiser are off."""
     try:
         import spacy
     except ImportError:
-        raise TaggerUnavailableError(f"ARO order subsets need spaCy to tag nouns/adjectives: {SPACY_FIX} "
-                                     "(or pass tagger=...)") from None
+        raise EvalDependencyError(f"ARO order subsets need spaCy to tag nouns and adjectives: {ARO_FIX}") from None
     try:
         nlp = spacy.load("en_core_web_sm")
     except OSError:
-        raise TaggerUnavailableError(f"spaCy model en_core_web_sm is not installed: {SPACY_FIX} "
-                                     "(or pass tagger=...)") from None
+        raise EvalDependencyError(f"ARO order subsets need spaCy's model en_core_web_sm: {ARO_FIX}") from None
     nlp.select_pipes(disable=[name for name in ("parser", "ner", "lemmatizer") if name in nlp.pipe_names])
     return nlp
 
 
+def nltk_tokenizer() -> Tokenizer:
+    """`nltk.word_tokenize` (the release's trigram tokeniser), after checking that NLTK and its sentence model
+    are installed, so a missing one fails before any model loads rather than at the first caption."""
+    try:
+        import nltk
+    except ImportError:
+        raise EvalDependencyError(f"ARO order subsets need NLTK to tokenise the trigram shuffles: {ARO_FIX}") from None
+    try:
+        nltk.data.find("tokenizers/punkt_tab/english/")
+    except LookupError:
+        raise EvalDependencyError(f"ARO order subsets need NLTK's punkt_tab data: {ARO_FIX}") from None
+    return nltk.word_tokenize
+
+
 def spacy_tagger() -> Tagger:
-    """The benchmark's tagger, spaCy en_core_web_sm, as a `Tagger`; raises `TaggerUnavailableError` (with the
-    install command) at once if spaCy or the model is missing, rather than midway through an evaluation."""
+    """The release's tagger: spaCy en_core_web_sm's tokens with their Penn tags (`token.tag_`)."""
     nlp = _spacy_pipeline()
-    return lambda text: [(token.text, ptb_to_universal(token.tag_, token.pos_)) for token in nlp(text)]
+    return lambda text: [(token.text, token.tag_) for token in nlp(text)]
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -232,19 +235,40 @@ def spacy_tagger() -> Tagger:
 class VGCases:
     """A VG subset: per case the cropped image, the two captions, and the group the macro average is over."""
 
+    name: str
     refs: list[ImageRef]
     true: list[str]
     false: list[str]
     groups: list[str]
 
+    def score(self, encoder: Encoder) -> float:
+        """Macro accuracy (percent), with the release's exclusions for this subset."""
+        img_ND = encoder.images(self.refs, desc=f"ARO {self.name} images")
+        true_ND = encoder.texts(self.true, desc=f"ARO {self.name} true captions")
+        false_ND = encoder.texts(self.false, desc=f"ARO {self.name} false captions")
+        correct_N = pairwise_correct(img_ND, true_ND, false_ND)  # argmax over [false, true] == 1: strict
+        if self.name == "vg_relation":
+            return macro_accuracy(correct_N, self.groups, exclude=SYMMETRIC_RELATIONS)
+        return macro_accuracy(correct_N, self.groups, min_count=ATTRIBUTION_MIN_COUNT)
+
 
 @dataclass(frozen=True)
 class OrderCases:
-    """An order subset: the distinct images, and per (image, caption) case the image's index and the caption."""
+    """An order subset: the distinct images and, per (image, caption) case, the image's index and its five
+    pre_caption'ed options (caption first), drawn once when prepared."""
 
+    name: str
     images: list[ImageRef]
     image_index: list[int]
-    captions: list[str]
+    options: list[list[str]]
+
+    def score(self, encoder: Encoder) -> float:
+        """Precision@1 (percent): the caption is the argmax over itself and its four perturbations."""
+        img_ID = encoder.images(self.images, desc=f"ARO {self.name} images")
+        opt_MD = encoder.texts([text for case in self.options for text in case], desc=f"ARO {self.name} captions")
+        opt_NKD = opt_MD.view(len(self.options), 1 + len(PERTURBATIONS), -1)
+        img_ND = img_ID[torch.tensor(self.image_index, dtype=torch.long)]
+        return 100.0 * order_correct(img_ND, opt_NKD).double().mean().item()
 
 
 def attribute_pair(record: dict) -> str:
@@ -255,8 +279,8 @@ def attribute_pair(record: dict) -> str:
 
 _VG_FILES = {"vg_relation": ("visual_genome_relation.json", "relation_name"),
              "vg_attribution": ("visual_genome_attribution.json", "attributes")}
-_ORDER_FILES = {"coco_order": ("coco_karpathy_test.json", "coco"),
-                "flickr30k_order": ("flickr30k_test.json", "flickr30k")}
+_ORDER_FILES = {"coco_order": ("coco_karpathy_test.json", "coco_root", "coco"),
+                "flickr30k_order": ("flickr30k_test.json", "flickr30k_root", "flickr30k")}
 _BOX_FIELDS = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
 
 
@@ -279,66 +303,68 @@ def load_vg(root: Path, name: str) -> VGCases:
     refs = [ImageRef(image_dir / r["image_path"], tuple(float(r[k]) for k in _BOX_FIELDS)) for r in records]
     require_images([ref.path for ref in refs], f"ARO {name}")
     groups = [r["relation_name"] if name == "vg_relation" else attribute_pair(r) for r in records]
-    return VGCases(refs, [r["true_caption"] for r in records], [r["false_caption"] for r in records], groups)
+    return VGCases(name, refs, [r["true_caption"] for r in records], [r["false_caption"] for r in records], groups)
 
 
-def load_order(root: Path, name: str) -> OrderCases:
-    """COCO- or Flickr30k-Order cases from root/<karpathy test file>.json and its image root."""
-    file_name, image_folder = _ORDER_FILES[name]
-    records = _read_records(root / file_name, f"ARO {name} Karpathy test split", ("image", "caption"))
-    image_root = require(root / image_folder, f"ARO {name} image root")
-    images, image_index, captions = [], [], []
-    for i, record in enumerate(records):
-        images.append(ImageRef(image_root / record["image"]))
-        record_captions = [record["caption"]] if isinstance(record["caption"], str) else record["caption"]
-        image_index += [i] * len(record_captions)
-        captions += record_captions
-    require_images([ref.path for ref in images], f"ARO {name}")
-    return OrderCases(images, image_index, captions)
+def order_root(root: Path, cfg: AroEvalConfig, name: str) -> Path:
+    """The folder holding an order subset's Karpathy json and its images (evaluation.aro.<coco|flickr30k>_root)."""
+    _, key, default = _ORDER_FILES[name]
+    return Path(getattr(cfg, key) or root / default)
+
+
+def load_order(folder: Path, name: str, tagger: Tagger, tokenize: Tokenizer, seed: int) -> OrderCases:
+    """COCO- or Flickr30k-Order cases from folder/<Karpathy test json>, images at folder/<"image">, each
+    caption's options drawn in file order from a fresh `OrderRandom.seeded(seed)` (one subset per run)."""
+    file_name, key, _ = _ORDER_FILES[name]
+    records = _read_records(folder / file_name, f"ARO {name} Karpathy test split", ("image", "caption"))
+    images = [ImageRef(folder / record["image"]) for record in records]
+    require_images([ref.path for ref in images], f"ARO {name}",
+                   f"put them under {folder}, the folder holding {file_name} (evaluation.aro.{key})")
+    rng = OrderRandom.seeded(seed)
+    image_index, options = [], []
+    for i, record in enumerate(tqdm(records, desc=f"ARO {name} perturbations", leave=False)):
+        captions = [record["caption"]] if isinstance(record["caption"], str) else record["caption"]
+        for caption in captions:
+            image_index.append(i)
+            options.append(order_options(caption, tagger, tokenize, rng))
+    return OrderCases(name, images, image_index, options)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
 
-def score_vg(encoder: Encoder, cases: VGCases, name: str) -> float:
-    """Macro accuracy (percent) of a VG subset, with the benchmark's exclusions for that subset."""
-    img_ND = encoder.images(cases.refs, desc=f"ARO {name} images")
-    true_ND = encoder.texts(cases.true, desc=f"ARO {name} true captions")
-    false_ND = encoder.texts(cases.false, desc=f"ARO {name} false captions")
-    correct_N = pairwise_correct(img_ND, true_ND, false_ND)
-    if name == "vg_relation":
-        return macro_accuracy(correct_N, cases.groups, exclude=SYMMETRIC_RELATIONS)
-    return macro_accuracy(correct_N, cases.groups, min_count=ATTRIBUTION_MIN_COUNT)
+@dataclass(frozen=True)
+class AroSuite:
+    """The requested subsets, read, checked and (order ones) perturbed; `score` embeds with one model."""
+
+    subsets: dict[str, VGCases | OrderCases]
+
+    def score(self, encoder: Encoder) -> Scores:
+        """{subset: percent, ..., "average": the unweighted mean of the subsets' numbers}."""
+        scores = Scores({name: cases.score(encoder) for name, cases in self.subsets.items()})
+        scores.add_average("average", list(self.subsets))
+        return scores
 
 
-def score_order(encoder: Encoder, cases: OrderCases, tagger: Tagger, rng: random.Random, name: str) -> float:
-    """Precision@1 (percent) of an order subset: the true caption must beat all four of its perturbations."""
-    options = [option for caption in tqdm(cases.captions, desc=f"ARO {name} perturbations", leave=False)
-               for option in order_options(caption, tagger, rng)]
-    img_ID = encoder.images(cases.images, desc=f"ARO {name} images")
-    opt_MD = encoder.texts(options, desc=f"ARO {name} captions")
-    opt_NKD = opt_MD.view(len(cases.captions), 1 + len(PERTURBATIONS), -1)
-    img_ND = img_ID[torch.tensor(cases.image_index, dtype=torch.long)]
-    return 100.0 * order_correct(img_ND, opt_NKD).float().mean().item()
-
-
-def evaluate_aro(encoder: Encoder, root: str | Path, subsets: Sequence[str] = SUBSETS, tagger: Tagger | None = None,
-                 seed: int = 0) -> dict[str, float]:
-    """{subset: percent, ..., "average": mean of the requested subsets}. Every requested subset's files are
-    read and checked first, and the default tagger loaded if an order subset needs it, so a missing file or
-    spaCy fails in seconds, not after an hour of embedding. Each order subset draws its perturbations from its
-    own `random.Random(seed)`, so its score does not depend on which other subsets are requested."""
-    root, subsets = Path(root), list(subsets)
-    unknown = [name for name in subsets if name not in SUBSETS]
-    if unknown or not subsets:
-        raise ValueError(f"unknown or no ARO subsets {unknown or subsets}: choose from {list(SUBSETS)}")
-    cases = {name: load_vg(root, name) if name in _VG_FILES else load_order(root, name) for name in subsets}
-    if tagger is None and any(name in _ORDER_FILES for name in subsets):
-        tagger = spacy_tagger()
-    results = {}
-    for name in subsets:
-        if name in _VG_FILES:
-            results[name] = score_vg(encoder, cases[name], name)
-        else:
-            results[name] = score_order(encoder, cases[name], tagger, random.Random(seed), name)
-    results["average"] = sum(results.values()) / len(results)
-    return results
+def prepare_aro(root: str | Path, cfg: AroEvalConfig | None = None, tagger: Tagger | None = None,
+                tokenize: Tokenizer | None = None) -> AroSuite:
+    """Every requested subset of `cfg.subsets` read and checked, and the order ones perturbed, before any model
+    is loaded: a missing file, image, spaCy or NLTK fails in seconds with one line. `tagger` / `tokenize`
+    replace spaCy / NLTK (tests, or another tagger at one's own risk: numbers then differ from the release's)."""
+    root, cfg = Path(root), cfg or AroEvalConfig()
+    unknown = [name for name in cfg.subsets if name not in SUBSETS]
+    if unknown or not cfg.subsets:
+        raise ValueError(f"unknown or no ARO subsets {unknown or cfg.subsets}: choose from {list(SUBSETS)}")
+    order = [name for name in cfg.subsets if name in _ORDER_FILES]
+    for name in order:  # the cheap checks first: a missing json must not wait for spaCy to load
+        file_name, key, _ = _ORDER_FILES[name]
+        require(order_root(root, cfg, name) / file_name, f"ARO {name} Karpathy test split",
+                f"set evaluation.aro.{key} to the folder holding {file_name} and its images")
+    vg = {name: load_vg(root, name) for name in cfg.subsets if name in _VG_FILES}
+    if order:
+        tokenize = tokenize or nltk_tokenizer()
+        tagger = tagger or spacy_tagger()
+    subsets = {}
+    for name in dict.fromkeys(cfg.subsets):
+        subsets[name] = vg[name] if name in vg else load_order(order_root(root, cfg, name), name, tagger, tokenize,
+                                                                cfg.seed)
+    return AroSuite(subsets)

@@ -7,6 +7,7 @@ whose embeddings make the right answer known. Shapes: embeddings [N, D], L2-norm
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,15 @@ class EvalDataError(FileNotFoundError):
     """A benchmark file or image is missing or malformed; the message names the path and the fix."""
 
 
-def require(path: Path, what: str) -> Path:
-    """`path` if it exists, else one line naming it, what it is, and where it comes from."""
+class EvalDependencyError(ImportError):
+    """An optional package or its data that a requested suite needs is missing; the message names the install."""
+
+
+def require(path: Path, what: str, fix: str = "check evaluation.data_root (see the evaluator's docstring for the "
+                                                  "layout)") -> Path:
+    """`path` if it exists, else one line naming it, what it is, and the fix."""
     if not path.exists():
-        raise EvalDataError(f"{what} not found at {path}: check evaluation.data_root (see the evaluator's docstring for the layout)")
+        raise EvalDataError(f"{what} not found at {path}: {fix}")
     return path
 
 
@@ -66,6 +72,28 @@ class ImageRef:
             return rgb
         x, y, w, h = self.box
         return rgb.crop((x, y, x + w, y + h))
+
+
+class Scores(dict):
+    """One suite's {metric: percent}, plus `averaged_over`: for each average it reports, the metrics (or the
+    datasets) it is the unweighted mean of, so that a table can say what an average means."""
+
+    def __init__(self, values=(), averaged_over: dict[str, list[str]] | None = None):
+        super().__init__(values)
+        self.averaged_over = dict(averaged_over or {})
+
+    def add_average(self, key: str, members: Sequence[str], values: Sequence[float] | None = None) -> None:
+        """self[key] = the mean of `values` (default: of self[m] for m in members), recorded as over `members`."""
+        values = [self[m] for m in members] if values is None else list(values)
+        self[key] = sum(values) / len(values)
+        self.averaged_over[key] = list(members)
+
+
+class Suite(Protocol):
+    """A benchmark read and checked once (files, images, perturbations); `score` embeds with one model."""
+
+    def score(self, encoder: "Encoder") -> Scores:
+        ...
 
 
 class Encoder(Protocol):
@@ -110,6 +138,18 @@ class ModelEncoder:
             tokens = self.tokenize(distinct[i:i + self.batch_size]).to(self.device)
             out.append(self.clip.encode_text(tokens, normalize=True).float().cpu())
         return torch.cat(out)[where] if out else torch.zeros(0, 0)
+
+
+def pre_caption(caption: str, max_words: int) -> str:
+    """BLIP's caption clean-up (salesforce/BLIP data/utils.py `pre_caption`), which its Karpathy retrieval test
+    sets and ARO's order subsets apply to every caption: lower case; each of . ! " ( ) * # : ; ~ becomes a
+    space; runs of two or more whitespace characters become one space (a lone tab or newline stays); a trailing
+    newline and the spaces at both ends go; then at most `max_words` space-separated words are kept."""
+    caption = re.sub(r'([.!"()*#:;~])', " ", caption.lower())
+    caption = re.sub(r"\s{2,}", " ", caption)
+    caption = caption.rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else caption
 
 
 def pairwise_correct(img_ND: torch.Tensor, pos_ND: torch.Tensor, neg_ND: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import open_clip
 from degla_scale.config import ModelConfig
 from degla_scale.eval.common import ModelEncoder
 from degla_scale.export import checkpoint_state_dict, run_model_section
-from degla_scale.models import build_clip, create_clip, image_transform, tokenizer, uses_quick_gelu
+from degla_scale.models import build_clip, check_model, create_clip, image_transform, tokenizer, uses_quick_gelu
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,13 @@ class ModelSpec:
             raise ValueError(f"--model {text!r}: {source} does not exist; give a run directory, checkpoint, .pt or "
                              ".safetensors file, or openclip:NAME/TAG")
         return cls(label or source, source, which or "student")
+
+    def check(self) -> None:
+        """An `openclip:NAME/TAG` names a known architecture and tag (a `ConfigError` line otherwise), checked
+        before any benchmark is read or model loaded."""
+        if self.source.startswith("openclip:"):
+            name, _, tag = self.source.removeprefix("openclip:").partition("/")
+            check_model(name, tag or None)
 
 
 def load_encoder(spec: ModelSpec, default: ModelConfig, batch_size: int, device) -> ModelEncoder:

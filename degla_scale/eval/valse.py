@@ -3,7 +3,8 @@ one linguistic phenomenon changed (existence, number, counts, spatial relations,
 
 Data: the eleven JSON files of github.com/Heidelberg-NLP/VALSE (`data/`), unchanged. Images are not redistributed;
 each file points into one original dataset (its `dataset` field), so each gets its own image folder, flat, exactly as
-that dataset ships it (a download can be symlinked in place, or named through `image_dirs`):
+that dataset ships it (a download can be symlinked in place, or named through `evaluation.valse.image_dirs`,
+e.g. `evaluation.valse.image_dirs.visual7w=/data/visual7w/images`):
 
     root/
       data/existence.json              data/plurals.json              data/counting-hard.json
@@ -26,7 +27,8 @@ set as `mturk["caption"] >= 2` ("at least two of three annotators chose the capt
 that describes the image"), which is `keep`. A record without `mturk` was never validated and is dropped too.
 
 Score: pairwise accuracy per file, the percent of kept samples with cos(image, caption) > cos(image, foil), strictly
-(a tie is wrong). Columns, as the paper's table groups the files: Existence, Plurality, Counting (mean of its three
+(a tie is wrong), as the release's `lxmert_valse_eval.py` computes its pairwise accuracy acc_r (caption score >
+foil score, over samples with mturk caption >= 2). Columns, as the paper's table groups the files: Existence, Plurality, Counting (mean of its three
 files), Spatial relations, Actions (mean of action replacement and actant swap), Coreference (mean of standard and
 hard), Foil-it; a column appears only when all its files were evaluated. "average" is the
 unweighted mean over the evaluated *files* (not over columns, not weighted by sample count): the paper's Avg. column.
@@ -38,9 +40,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from degla_scale.eval.common import Encoder, EvalDataError, ImageRef, pairwise_correct, require
+from degla_scale.config import ValseEvalConfig
+from degla_scale.eval.common import Encoder, EvalDataError, ImageRef, Scores, pairwise_correct, require
 
 # Image folders under root, and the name the error message gives a user who must download them.
 IMAGE_SOURCES: dict[str, tuple[str, str]] = {
@@ -148,23 +152,36 @@ def pairwise_accuracy(encoder: Encoder, piece: str, refs: list[ImageRef], captio
     return 100.0 * pairwise_correct(img_ND, cap_ND, foil_ND).float().mean().item()
 
 
-def evaluate_valse(encoder: Encoder, root: str | Path, pieces: Sequence[str] = ALL_PIECES,
-                   image_dirs: Mapping[str, str | Path] | None = None) -> dict[str, float]:
-    """{piece: acc, column: mean of its pieces' acc, "average": mean over the pieces}, all in percent.
+@dataclass(frozen=True)
+class ValseSuite:
+    """The requested pieces' kept samples, every file and image checked; `score` embeds with one model."""
 
-    `pieces`: file stems from `ALL_PIECES`; `image_dirs`: {key of `IMAGE_SOURCES`: folder} to use downloaded image
-    folders in place instead of the layout under `root` (see the module docstring)."""
-    root = Path(root)
-    unknown = [p for p in pieces if p not in PIECE_SOURCES]
-    if unknown or not pieces:
+    samples: dict[str, tuple[list[ImageRef], list[str], list[str]]]
+
+    def score(self, encoder: Encoder) -> Scores:
+        """{piece: acc, column: mean of its pieces' acc, "average": mean over the pieces}, all in percent."""
+        results = Scores({piece: pairwise_accuracy(encoder, piece, *triple) for piece, triple in self.samples.items()})
+        for column, members in COLUMNS.items():
+            if all(m in results for m in members):
+                results.add_average(column, list(members))
+        results.add_average("average", list(self.samples))
+        return results
+
+
+def prepare_valse(root: str | Path, cfg: ValseEvalConfig | None = None) -> ValseSuite:
+    """Every file of `cfg.pieces` (stems from `ALL_PIECES`) read and every kept sample's image checked, before
+    anything is embedded: a gap stops the run at once, not hours in. `cfg.image_dirs`: {key of `IMAGE_SOURCES`:
+    folder}, downloaded image folders used in place of the layout under `root` (module docstring)."""
+    root, cfg = Path(root), cfg or ValseEvalConfig()
+    unknown = [p for p in cfg.pieces if p not in PIECE_SOURCES]
+    if unknown or not cfg.pieces:
         raise ValueError(f"unknown VALSE pieces {unknown}; known: {list(ALL_PIECES)}")
-    folders = image_folders(root, image_dirs)
-    # Every file and image is checked before anything is embedded: a gap stops the run at once, not hours in.
-    samples = {piece: piece_samples(root, piece, folders) for piece in dict.fromkeys(pieces)}
-    results = {piece: pairwise_accuracy(encoder, piece, *triple) for piece, triple in samples.items()}
-    for column, members in COLUMNS.items():
-        if all(m in results for m in members):
-            results[column] = sum(results[m] for m in members) / len(members)
-    evaluated = [results[p] for p in dict.fromkeys(pieces)]
-    results["average"] = sum(evaluated) / len(evaluated)
-    return results
+    folders = image_folders(root, cfg.image_dirs)
+    return ValseSuite({piece: piece_samples(root, piece, folders) for piece in dict.fromkeys(cfg.pieces)})
+
+
+def evaluate_valse(encoder: Encoder, root: str | Path, pieces: Sequence[str] = ALL_PIECES,
+                   image_dirs: Mapping[str, str | Path] | None = None) -> Scores:
+    """`prepare_valse` then `score`, for one model."""
+    cfg = ValseEvalConfig(pieces=list(pieces), image_dirs={k: str(v) for k, v in (image_dirs or {}).items()})
+    return prepare_valse(root, cfg).score(encoder)

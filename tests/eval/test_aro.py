@@ -1,33 +1,33 @@
-"""ARO evaluator on fabricated files in the released format: strict ties, macro averaging, the symmetric
-relations and small attribute pairs left out, crop boxes applied, the four order perturbations, precision@1,
-missing files and a missing spaCy. Every expected number is worked out by hand in the comments."""
+"""ARO evaluator on fabricated files in the released format, scored as the release's dataset_zoo/aro_datasets.py
+does: strict VG ties, macro averaging, the symmetric relations and small attribute pairs left out, crop boxes,
+the four order perturbations exactly as its perturbations.py draws them (checked against a literal second
+implementation below), argmax == 0 precision@1 (a perturbation identical to the caption resolves to the
+caption), BLIP's pre_caption, NLTK's tokenisation, and the missing-tagger line. Expected numbers are worked out
+by hand in the comments or by the second implementation in this file."""
 from __future__ import annotations
 
-import itertools
 import json
 import random
 import re
 import sys
 import types
-from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from degla_scale.config import AroEvalConfig
 from degla_scale.eval import aro
 from degla_scale.eval.aro import (
     SYMMETRIC_RELATIONS,
-    TaggerUnavailableError,
-    evaluate_aro,
+    OrderRandom,
     macro_accuracy,
-    normalise_caption,
     order_correct,
     order_perturbations,
-    ptb_to_universal,
+    prepare_aro,
 )
-from degla_scale.eval.common import EvalDataError, ImageRef
+from degla_scale.eval.common import EvalDataError, EvalDependencyError, ImageRef, pre_caption
 
 RED, GREEN = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)
 
@@ -48,6 +48,10 @@ class FakeEncoder:
         self.calls += 1
         rows = [self.text_vecs[t] if self.default is None or t in self.text_vecs else self.default for t in texts]
         return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+
+def evaluate(encoder, root, subsets, tagger=None, tokenize=None, **cfg):
+    return prepare_aro(root, AroEvalConfig(subsets=list(subsets), **cfg), tagger, tokenize).score(encoder)
 
 
 def save_image(path, colour, size=(8, 8), box=None, box_colour=None):
@@ -102,7 +106,7 @@ def test_vg_relation_strict_macro_and_symmetric_excluded(vg_root):
         vg_record("green.png", nxt, nxt_false, relation_name="next to"),   # wrong (symmetric)
     ]
     write_relation(vg_root, records)
-    result = evaluate_aro(FakeEncoder(RELATION_TEXTS), vg_root, subsets=["vg_relation"])
+    result = evaluate(FakeEncoder(RELATION_TEXTS), vg_root, ["vg_relation"])
     # "on": 2/3, "holding": 1/1, "next to" left out → macro (2/3 + 1) / 2 = 5/6.
     # (Micro over kept cases would be 3/4; with "next to" kept the macro would be (2/3 + 1 + 0) / 3 = 5/9.)
     assert result["vg_relation"] == pytest.approx(100 * 5 / 6)
@@ -123,7 +127,7 @@ def test_vg_crop_box_is_applied(vg_root):
     # Box ignored: mean colour (48, 16, 0)/64·255, closer to RED → wrong → 0.
     write_relation(vg_root, [vg_record("boxed.png", "green thing", "red thing", box=(4, 4, 4, 4), relation_name="on")])
     encoder = FakeEncoder({"green thing": GREEN, "red thing": RED})
-    assert evaluate_aro(encoder, vg_root, subsets=["vg_relation"])["vg_relation"] == 100.0
+    assert evaluate(encoder, vg_root, ["vg_relation"])["vg_relation"] == 100.0
     ref = ImageRef(vg_root / "images/boxed.png", (4, 4, 4, 4))
     assert torch.allclose(encoder.images([ref]), torch.tensor([GREEN]))  # the fake sees the crop
 
@@ -139,7 +143,7 @@ def test_vg_attribution_macro_over_pairs_with_min_count(vg_root):
                + cases("red.png", 15, ("small", "big")) + cases("green.png", 15, ("small", "big"))    # 15/30
                + cases("green.png", 24, ("black", "white")))  # 0/24: under 25 cases, left out
     (vg_root / "visual_genome_attribution.json").write_text(json.dumps(records))
-    result = evaluate_aro(FakeEncoder(texts), vg_root, subsets=["vg_attribution"])
+    result = evaluate(FakeEncoder(texts), vg_root, ["vg_attribution"])
     # macro over the kept pairs: (20/25 + 15/30) / 2 = (0.8 + 0.5) / 2 = 0.65.
     # (Micro: 35/55 = 63.6; small pair kept: (0.8 + 0.5 + 0)/3 = 43.3; pair key sorted, so "black_white" merged
     # into "white_black": (20/49 + 0.5)/2 = 45.4.)
@@ -158,175 +162,289 @@ def test_macro_accuracy_by_hand():
 
 # ------------------------------------------------------------------------------------------ order perturbations
 
-NOUNS = ["dog", "cat", "man", "woman", "table", "chair", "street", "car", "tree", "house"]
+NOUNS = ["dog", "cat", "man", "woman", "table", "chair", "street", "car", "tree", "house", "dogs", "cats"]
 ADJS = ["red", "big", "small", "old", "young", "green", "tall", "wooden", "white", "happy"]
-OTHERS = ["a", "the", "on", "with", "is", "and", "of", "by", "under", "near"]
-TAGS = {**{w: "NOUN" for w in NOUNS}, **{w: "ADJ" for w in ADJS}, **{w: "DET" for w in OTHERS}}
 
 
-def dict_tagger(text):
-    """Tokens are words and single punctuation marks; tags from TAGS (punctuation PUNCT, unknown X)."""
-    return [(tok, TAGS.get(tok.lower(), "PUNCT" if not tok.isalnum() else "X"))
+def penn_tagger(text):
+    """A stand-in for spaCy: words and single punctuation marks, nouns NN, adjectives JJ, else DT or '.'."""
+    return [(tok, "NN" if tok.lower() in NOUNS else "JJ" if tok.lower() in ADJS else "DT" if tok.isalnum() else ".")
             for tok in re.findall(r"\w+|[^\w\s]", text)]
 
 
-# 30 distinct words: adjective, noun, other, ten times over; capitalised and with a full stop
-LONG = " ".join(w for triple in zip(ADJS, NOUNS, OTHERS) for w in triple).capitalize() + "."
-LONG_NORMALISED = " ".join(w for triple in zip(ADJS, NOUNS, OTHERS) for w in triple)  # lower case, no "."
+def word_tokenize(text):
+    """A stand-in for NLTK (its own test is below): words, and apostrophe suffixes and marks split off."""
+    return re.findall(r"'\w+|\w+|[^\w\s]", text)
 
 
-def test_perturbations_by_construction():
-    caption = "A big red dog is on the old table near the small cat"
-    words = caption.split()
-    noun_pos = [i for i, w in enumerate(words) if w in NOUNS]      # dog, table, cat
-    adj_pos = [i for i, w in enumerate(words) if w in ADJS]        # big, red, old, small
-    other_pos = [i for i in range(len(words)) if i not in noun_pos + adj_pos]
-    seen = set()
-    for seed in range(20):
-        options = order_perturbations(caption, dict_tagger, random.Random(seed))
-        assert len(options) == 4
-        nouns_adj, allbut, within, across = (option.split() for option in options)
-        seen.add(tuple(options))
-        for option in (nouns_adj, allbut, within, across):
-            assert Counter(option) == Counter(words)  # only the order changes
-        # 1: nouns stay on noun positions, adjectives on adjective positions, everything else in place
-        assert Counter(nouns_adj[i] for i in noun_pos) == Counter(words[i] for i in noun_pos)
-        assert Counter(nouns_adj[i] for i in adj_pos) == Counter(words[i] for i in adj_pos)
-        assert [nouns_adj[i] for i in other_pos] == [words[i] for i in other_pos]
-        # 2: nouns and adjectives in place, the rest among the rest's positions
-        assert [allbut[i] for i in noun_pos + adj_pos] == [words[i] for i in noun_pos + adj_pos]
-        # 3: each trigram (A big red | dog is on | the old table | near the small | cat) keeps its words
-        for start in range(0, len(words), 3):
-            assert Counter(within[start:start + 3]) == Counter(words[start:start + 3])
-        # 4: a concatenation of the same five trigrams, each intact, in some order
-        trigrams = [words[i:i + 3] for i in range(0, len(words), 3)]
-        assert any(list(itertools.chain(*order)) == across for order in itertools.permutations(trigrams))
-    assert len(seen) > 1  # the seed matters
-    for seed in (0, 7):  # ... and fixes the result
-        assert (order_perturbations(caption, dict_tagger, random.Random(seed))
-                == order_perturbations(caption, dict_tagger, random.Random(seed)))
+def blip_pre_caption(caption, max_words):
+    """salesforce/BLIP data/utils.py pre_caption, written out as it reads there."""
+    caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
+    caption = re.sub(r"\s{2,}", " ", caption)
+    caption = caption.rstrip("\n")
+    caption = caption.strip(" ")
+    caption_words = caption.split(" ")
+    if len(caption_words) > max_words:
+        caption = " ".join(caption_words[:max_words])
+    return caption
 
 
-def test_normalise_caption():
-    assert normalise_caption('A "Dog"  (brown); runs!~') == "a dog brown runs"
-    assert normalise_caption("One, two.") == "one, two"  # commas are kept, as in the release
-    assert normalise_caption(" ".join(["w"] * 40)) == " ".join(["w"] * 30)
-    assert normalise_caption(LONG) == LONG_NORMALISED
+def official_order_options(records, tagger, tokenize, seed):
+    """The release's COCO_Order.__init__ with its TextShuffler, written out as they read: the noun/adjective
+    shuffles draw from numpy's global generator, the trigram ones from Python's, both seeded by seed_all."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    np.random.seed(seed)
+    random.seed(seed)
+
+    def shuffle_nouns_and_adj(ex):
+        doc = tagger(ex)
+        text = np.array([token for token, _ in doc])
+        noun_idx = [i for i, (_, tag) in enumerate(doc) if tag in ["NN", "NNS", "NNP", "NNPS"]]
+        adjective_idx = [i for i, (_, tag) in enumerate(doc) if tag in ["JJ", "JJR", "JJS"]]
+        text[noun_idx] = np.random.permutation(text[noun_idx])
+        text[adjective_idx] = np.random.permutation(text[adjective_idx])
+        return " ".join(text)
+
+    def shuffle_allbut_nouns_and_adj(ex):
+        doc = tagger(ex)
+        text = np.array([token for token, _ in doc])
+        noun_adj_idx = [i for i, (_, tag) in enumerate(doc) if tag in ["NN", "NNS", "NNP", "NNPS", "JJ", "JJR", "JJS"]]
+        else_idx = np.ones(text.shape[0])
+        else_idx[noun_adj_idx] = 0
+        else_idx = else_idx.astype(bool)
+        text[else_idx] = np.random.permutation(text[else_idx])
+        return " ".join(text)
+
+    def get_trigrams(sentence):
+        trigrams, trigram = [], []
+        for i in range(len(sentence)):
+            trigram.append(sentence[i])
+            if i % 3 == 2:
+                trigrams.append(trigram[:])
+                trigram = []
+        if trigram:
+            trigrams.append(trigram)
+        return trigrams
+
+    def shuffle_within_trigrams(ex):
+        trigrams = get_trigrams(tokenize(ex))
+        for trigram in trigrams:
+            random.shuffle(trigram)
+        return " ".join([" ".join(trigram) for trigram in trigrams])
+
+    def shuffle_trigrams(ex):
+        trigrams = get_trigrams(tokenize(ex))
+        random.shuffle(trigrams)
+        return " ".join([" ".join(trigram) for trigram in trigrams])
+
+    functions = [shuffle_nouns_and_adj, shuffle_allbut_nouns_and_adj, shuffle_within_trigrams, shuffle_trigrams]
+    try:
+        return [[blip_pre_caption(caption, 30)] + [blip_pre_caption(fn(caption), 30) for fn in functions]
+                for ann in records for caption in ann["caption"]]
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
 
 
-def test_order_correct_needs_to_beat_all_four():
-    img = torch.tensor([[1.0, 0.0]] * 3)
-    low, high, same = [0.6, 0.8], [0.8, 0.6], [1.0, 0.0]
-    options = torch.tensor([
-        [[1.0, 0.0], low, low, low, low],    # 1 > 0.6 (all): right
-        [[0.8, 0.6], low, low, low, same],   # 0.8 beats three, loses to the last (1.0): wrong
-        [[0.8, 0.6], low, high, low, low],   # 0.8 == 0.8: tie, wrong
-    ])
-    assert order_correct(img, options).tolist() == [True, False, False]
+LONG = ("A big red dog is on the old table near the small cat, and a happy young man with a tall green tree "
+        "stands by the white wooden house on the street while two cats watch a woman in a car")  # 37 words
+COCO = [{"image": "val2014/COCO_val2014_000000000001.jpg", "id": 0,
+         "caption": ["A dog.", "A big red dog on the table.", LONG, "Dogs", "The man's \"tall\" hat!"]},
+        {"image": "val2014/COCO_val2014_000000000002.jpg", "id": 1,
+         "caption": ["Two cats.", "A cat", "The old man and the young woman by a car.", "Cats!", "A red car."]},
+        {"image": "val2014/COCO_val2014_000000000003.jpg", "id": 2,
+         "caption": ["A happy dog.", "Trees", "A tall tree near the house.", "The dog", "A green chair."]}]
+FLICKR = [{"image": "flickr30k-images/1000092795.jpg", "caption": ["A dog.", "Two young men by a tree.", "Dogs"]},
+          {"image": "flickr30k-images/10002456.jpg", "caption": ["A man", "Cats", "A big dog and a small cat."]}]
+COLOURS = {"COCO_val2014_000000000001.jpg": (255, 0, 0), "COCO_val2014_000000000002.jpg": (0, 255, 0),
+           "COCO_val2014_000000000003.jpg": (255, 0, 0), "1000092795.jpg": (0, 255, 0), "10002456.jpg": (255, 0, 0)}
+OFF = (1.0, 1.0, 0.0)  # any text that is not a true caption: cos 0.71 with red and with green
 
 
-def test_ptb_to_universal_moves_what_the_release_moves():
-    assert [ptb_to_universal(t, p) for t, p in [("NN", "NOUN"), ("NNPS", "PROPN"), ("JJR", "ADJ"), ("AFX", "ADJ"),
-                                                 ("VBZ", "VERB"), ("DT", "DET")]] == \
-        ["NOUN", "PROPN", "ADJ", "X", "VERB", "DET"]
+def write_order(folder, records):
+    (folder / ("coco_karpathy_test.json" if "val2014" in records[0]["image"] else "flickr30k_test.json")).write_text(
+        json.dumps(records))
+    for record in records:
+        save_image(folder / record["image"], COLOURS[record["image"].split("/")[-1]])
 
 
 @pytest.fixture
 def order_root(tmp_path):
-    """Karpathy-format COCO and Flickr30k test files with one red and one green image each."""
-    for folder, image_dir in (("coco", "val2014"), ("flickr30k", "flickr30k-images")):
-        save_image(tmp_path / folder / image_dir / "red.jpg", (255, 0, 0))
-        save_image(tmp_path / folder / image_dir / "green.jpg", (0, 255, 0))
-    nouns_and_adj_only = " ".join(ADJS + NOUNS)  # no other word: perturbation 2 changes nothing
-    coco = [{"image": "val2014/red.jpg", "caption": [LONG, nouns_and_adj_only]},
-            {"image": "val2014/green.jpg", "caption": [LONG]}]
-    flickr = [{"image": "flickr30k-images/red.jpg", "caption": [LONG]}]
-    (tmp_path / "coco_karpathy_test.json").write_text(json.dumps(coco))
-    (tmp_path / "flickr30k_test.json").write_text(json.dumps(flickr))
+    """ARO's layout: each Karpathy json beside its image folder (COCO_ROOT/val2014, FLICKR_ROOT/flickr30k-images)."""
+    (tmp_path / "coco").mkdir()
+    (tmp_path / "flickr30k").mkdir()
+    write_order(tmp_path / "coco", COCO)
+    write_order(tmp_path / "flickr30k", FLICKR)
     return tmp_path
 
 
-def test_order_precision_at_1(order_root):
-    # The true LONG caption (normalised) embeds as RED; every other text (a perturbation) as (1, 1, 0)/√2.
-    # coco: red + LONG: 1 > 0.71 → right. red + nouns/adjectives only: that caption is RED too, but its
-    # second perturbation is the caption itself → tie → wrong. green + LONG: 0 < 0.71 → wrong. → 1/3.
-    # flickr: red + LONG → right → 1/1. (LONG has 30 distinct words: a shuffle leaving it unchanged has
-    # probability ≤ 6^-10, and the seed is fixed.)
-    texts = {LONG_NORMALISED: RED, " ".join(ADJS + NOUNS): RED}
-    encoder = FakeEncoder(texts, default=(1.0, 1.0, 0.0))
-    result = evaluate_aro(encoder, order_root, subsets=("coco_order", "flickr30k_order"), tagger=dict_tagger)
-    assert result == pytest.approx({"coco_order": 100 / 3, "flickr30k_order": 100.0, "average": (100 / 3 + 100) / 2})
-    again = evaluate_aro(encoder, order_root, subsets=("coco_order", "flickr30k_order"), tagger=dict_tagger, seed=0)
-    assert again == result
+def precision_at_1(records, options, strict=False):
+    """Second implementation of the scoring: a true caption embeds RED, any other text OFF; the image is its
+    colour; correct when np.argmax over the options is 0 (the release) or, for `strict`, when the caption beats
+    every perturbation (our old rule)."""
+    truths = {blip_pre_caption(c, 30) for r in records for c in r["caption"]}
+    colours = [COLOURS[r["image"].split("/")[-1]] for r in records for _ in r["caption"]]
+    correct = []
+    for colour, case in zip(colours, options):
+        img = np.array(colour, dtype=np.float32) / np.linalg.norm(colour)
+        sims = [float(img @ (np.array(RED if text in truths else OFF) / np.linalg.norm(RED if text in truths else OFF)))
+                for text in case]
+        correct.append(sims[0] > max(sims[1:]) if strict else int(np.argmax(sims)) == 0)
+    return 100.0 * sum(correct) / len(correct)
 
 
-def test_all_four_and_their_average(vg_root, order_root):
-    # vg_root and order_root are the same tmp_path: one suite root holding all four subsets
+def test_order_options_are_drawn_as_the_release_draws_them(order_root):
+    suite = prepare_aro(order_root, AroEvalConfig(subsets=["coco_order", "flickr30k_order"]), penn_tagger, word_tokenize)
+    for name, records in (("coco_order", COCO), ("flickr30k_order", FLICKR)):
+        assert suite.subsets[name].options == official_order_options(records, penn_tagger, word_tokenize, seed=1)
+    other_seed = prepare_aro(order_root, AroEvalConfig(subsets=["coco_order"], seed=7), penn_tagger, word_tokenize)
+    assert other_seed.subsets["coco_order"].options == official_order_options(COCO, penn_tagger, word_tokenize, 7)
+    assert other_seed.subsets["coco_order"].options != suite.subsets["coco_order"].options
+    long_options = suite.subsets["coco_order"].options[2]
+    assert all(len(option.split(" ")) == 30 for option in long_options)  # 37 words cut to 30
+
+
+def test_order_precision_at_1_counts_an_unchanged_shuffle_as_correct(order_root):
+    text_vecs = {blip_pre_caption(c, 30): RED for r in COCO + FLICKR for c in r["caption"]}
+    encoder = FakeEncoder(text_vecs, default=OFF)
+    result = evaluate(encoder, order_root, ["coco_order", "flickr30k_order"], penn_tagger, word_tokenize)
+    for name, records in (("coco_order", COCO), ("flickr30k_order", FLICKR)):
+        options = official_order_options(records, penn_tagger, word_tokenize, seed=1)
+        official, strict = precision_at_1(records, options), precision_at_1(records, options, strict=True)
+        assert result[name] == pytest.approx(official)
+        assert official > strict  # the fixture separates the rules: ties with an unchanged shuffle exist
+    # By hand for Flickr30k: the red image's three captions beat every changed option (1 > 0.71) → 3 right;
+    # on the green image "Dogs" (one token) is unchanged by every shuffle → a 4-way tie at 0 → right; "A dog."
+    # and the 5-word caption each have a changed option at 0.71 → wrong. 4 of 6.
+    assert result["flickr30k_order"] == pytest.approx(100 * 4 / 6)
+    assert result["average"] == pytest.approx((result["coco_order"] + result["flickr30k_order"]) / 2)
+    assert result.averaged_over["average"] == ["coco_order", "flickr30k_order"]
+
+
+def test_order_correct_is_argmax_zero():
+    img = torch.tensor([[1.0, 0.0]] * 3)
+    low, high = [0.6, 0.8], [0.8, 0.6]
+    options = torch.tensor([
+        [[1.0, 0.0], low, low, low, low],           # 1 > 0.6: right
+        [[0.8, 0.6], low, low, low, [1.0, 0.0]],    # loses to the last (1.0): wrong
+        [[0.8, 0.6], low, high, low, low],          # 0.8 == 0.8: argmax takes the first, the caption: right
+    ])
+    assert order_correct(img, options).tolist() == [True, False, True]
+
+
+def test_order_perturbations_move_what_the_release_moves():
+    caption = "A big red dog is on the old table near the small cat"
+    words = caption.split()
+    rng = OrderRandom.seeded(3)
+    nouns_adj, allbut, within, across = (option.split() for option in
+                                         order_perturbations(caption, penn_tagger, word_tokenize, rng))
+    fixed = [i for i, w in enumerate(words) if w.lower() not in NOUNS + ADJS]
+    assert [nouns_adj[i] for i in fixed] == [words[i] for i in fixed]
+    content = [i for i in range(len(words)) if i not in fixed]
+    assert [allbut[i] for i in content] == [words[i] for i in content]
+    assert all(sorted(within[i:i + 3]) == sorted(words[i:i + 3]) for i in range(0, len(words), 3))
+    assert sorted(across) == sorted(words)
+
+
+def test_pre_caption_as_blip_writes_it():
+    cases = ['A "Dog"  (brown); runs!~', "One, two.", "a\tdog", "a \t dog", "dog.\n", "  Two  cats  ",
+             " ".join(["w"] * 31), LONG + ".", "¿Qué? #tag*"]
+    assert [pre_caption(c, 30) for c in cases] == [blip_pre_caption(c, 30) for c in cases]
+    assert pre_caption('A "Dog"  (brown); runs!~', 30) == "a dog brown runs"  # by hand
+    assert pre_caption("One, two.", 30) == "one, two"  # commas stay
+    assert pre_caption("a\tdog", 30) == "a\tdog"  # a lone tab is not a run of two
+    assert pre_caption(" ".join(["w"] * 31), 30) == " ".join(["w"] * 30)
+
+
+# --------------------------------------------------------------------------------------------- layouts, errors
+
+def test_all_four_with_order_roots_elsewhere(vg_root, tmp_path_factory):
     write_relation(vg_root, [vg_record("red.png", "the cup is on the table", "the table is on the cup",
                                        relation_name="on")])  # right → 100
     attribution = [vg_record("green.png", "a white dog", "a black dog", attributes=["white", "black"])] * 25  # 0
     (vg_root / "visual_genome_attribution.json").write_text(json.dumps(attribution))
+    coco_root, flickr_root = tmp_path_factory.mktemp("coco"), tmp_path_factory.mktemp("flickr")
+    write_order(coco_root, COCO)
+    write_order(flickr_root, FLICKR)
     texts = {"the cup is on the table": RED, "the table is on the cup": GREEN, "a white dog": RED,
-             "a black dog": GREEN, LONG_NORMALISED: RED, " ".join(ADJS + NOUNS): RED}
-    result = evaluate_aro(FakeEncoder(texts, default=(1.0, 1.0, 0.0)), vg_root, tagger=dict_tagger)
-    # (100 + 0 + 100/3 + 100) / 4
+             "a black dog": GREEN, **{blip_pre_caption(c, 30): RED for r in COCO + FLICKR for c in r["caption"]}}
+    result = evaluate(FakeEncoder(texts, default=OFF), vg_root, aro.SUBSETS, penn_tagger, word_tokenize,
+                      coco_root=str(coco_root), flickr30k_root=str(flickr_root))
     assert list(result) == ["vg_relation", "vg_attribution", "coco_order", "flickr30k_order", "average"]
-    assert result["average"] == pytest.approx((100 + 0 + 100 / 3 + 100) / 4)
+    assert result["vg_relation"] == 100.0 and result["vg_attribution"] == 0.0
+    assert result["flickr30k_order"] == pytest.approx(100 * 4 / 6)
+    assert result["average"] == pytest.approx((100 + 0 + result["coco_order"] + 100 * 4 / 6) / 4)
 
-
-# ---------------------------------------------------------------------------------------------- missing things
 
 def test_missing_files_fail_before_any_embedding(vg_root, order_root):
     encoder = FakeEncoder({}, default=RED)
     write_relation(vg_root, [vg_record("red.png", "x", "y", relation_name="on")])
     # a requested subset whose file is absent is an error, not skipped, even if another subset is fine
     with pytest.raises(EvalDataError, match=re.escape(str(vg_root / "visual_genome_attribution.json"))):
-        evaluate_aro(encoder, vg_root, subsets=["vg_relation", "vg_attribution"])
-    (order_root / "flickr30k_test.json").unlink()
-    with pytest.raises(EvalDataError, match=re.escape(str(order_root / "flickr30k_test.json"))):
-        evaluate_aro(encoder, order_root, subsets=["coco_order", "flickr30k_order"], tagger=dict_tagger)
-    (order_root / "coco/val2014/green.jpg").unlink()
-    with pytest.raises(EvalDataError, match="green.jpg"):
-        evaluate_aro(encoder, order_root, subsets=["coco_order"], tagger=dict_tagger)
+        evaluate(encoder, vg_root, ["vg_relation", "vg_attribution"])
+    (order_root / "flickr30k/flickr30k_test.json").unlink()
+    with pytest.raises(EvalDataError, match=re.escape(str(order_root / "flickr30k/flickr30k_test.json"))
+                       + ".*evaluation.aro.flickr30k_root"):
+        evaluate(encoder, order_root, ["coco_order", "flickr30k_order"], penn_tagger, word_tokenize)
+    (order_root / "coco/val2014/COCO_val2014_000000000002.jpg").unlink()
+    with pytest.raises(EvalDataError, match="COCO_val2014_000000000002.jpg"):
+        evaluate(encoder, order_root, ["coco_order"], penn_tagger, word_tokenize)
     write_relation(vg_root, [vg_record("absent.png", "x", "y", relation_name="on")])
     with pytest.raises(EvalDataError, match="absent.png"):
-        evaluate_aro(encoder, vg_root, subsets=["vg_relation"])
+        evaluate(encoder, vg_root, ["vg_relation"])
     write_relation(vg_root, [{"image_path": "red.png", "true_caption": "x", "false_caption": "y"}])
     with pytest.raises(EvalDataError, match="bbox_x"):
-        evaluate_aro(encoder, vg_root, subsets=["vg_relation"])
+        evaluate(encoder, vg_root, ["vg_relation"])
     assert encoder.calls == 0
     with pytest.raises(ValueError, match="coco"):
-        evaluate_aro(encoder, vg_root, subsets=["coco"])
+        evaluate(encoder, vg_root, ["coco"])
 
 
-def test_missing_spacy_is_one_clear_error(order_root, monkeypatch):
+def test_missing_spacy_or_nltk_is_one_line_naming_the_extra(order_root, monkeypatch, tmp_path):
     aro._spacy_pipeline.cache_clear()
     monkeypatch.setitem(sys.modules, "spacy", None)  # `import spacy` now raises ImportError
-    encoder = FakeEncoder({}, default=RED)
-    with pytest.raises(TaggerUnavailableError, match=re.escape("pip install spacy && python -m spacy download "
-                                                               "en_core_web_sm")):
-        evaluate_aro(encoder, order_root, subsets=["coco_order"])
-    assert encoder.calls == 0
+    with pytest.raises(EvalDependencyError, match=re.escape("pip install '.[aro]'")):
+        prepare_aro(order_root, AroEvalConfig(subsets=["coco_order"]), tokenize=word_tokenize)
 
     def no_model(name):
         raise OSError(f"[E050] Can't find model '{name}'")
 
     monkeypatch.setitem(sys.modules, "spacy", types.SimpleNamespace(load=no_model))
-    with pytest.raises(TaggerUnavailableError, match="en_core_web_sm"):
-        evaluate_aro(encoder, order_root, subsets=["coco_order"])
+    with pytest.raises(EvalDependencyError, match="en_core_web_sm.*python -m spacy download en_core_web_sm"):
+        prepare_aro(order_root, AroEvalConfig(subsets=["coco_order"]), tokenize=word_tokenize)
     aro._spacy_pipeline.cache_clear()
+    monkeypatch.setenv("NLTK_DATA", str(tmp_path / "empty"))
+    import nltk
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "empty")])
+    with pytest.raises(EvalDependencyError, match="punkt_tab.*python -m nltk.downloader punkt_tab"):
+        prepare_aro(order_root, AroEvalConfig(subsets=["coco_order"]), tagger=penn_tagger)
+    monkeypatch.setitem(sys.modules, "nltk", None)
+    with pytest.raises(EvalDependencyError, match="NLTK"):
+        prepare_aro(order_root, AroEvalConfig(subsets=["coco_order"]), tagger=penn_tagger)
 
 
-def test_spacy_tagger_wiring(monkeypatch):
-    """A stand-in spaCy: the default tagger turns its tokens' Penn tags into the universal tags the
-    perturbations read (so proper nouns move with nouns and an AFX-tagged "ADJ" stays put)."""
+def test_trigram_tokens_are_nltk_word_tokenize(monkeypatch, tmp_path):
+    """The default tokeniser is NLTK's word_tokenize (a sentence model with no learned parameters is enough
+    here): quotes become `` and '', contractions split as the Penn Treebank does, which spaCy does not."""
+    import nltk
+    punkt = tmp_path / "tokenizers/punkt_tab/english"
+    punkt.mkdir(parents=True)
+    for name in ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab"):
+        (punkt / name).touch()
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    tokenize = aro.nltk_tokenizer()
+    assert tokenize('The man\'s "tall" hat. Dogs can\'t run.') == \
+        ["The", "man", "'s", "``", "tall", "''", "hat", ".", "Dogs", "ca", "n't", "run", "."]
+
+
+def test_spacy_tagger_gives_penn_tags(monkeypatch):
+    """A stand-in spaCy: the default tagger hands on its tokens' Penn tags (token.tag_), which the release reads."""
     token = types.SimpleNamespace
-    doc = [token(text="Paris", tag_="NNP", pos_="PROPN"), token(text="pre", tag_="AFX", pos_="ADJ"),
-           token(text="is", tag_="VBZ", pos_="AUX"), token(text="big", tag_="JJ", pos_="ADJ")]
+    doc = [token(text="Paris", tag_="NNP"), token(text="pre", tag_="AFX"), token(text="is", tag_="VBZ"),
+           token(text="big", tag_="JJ")]
 
     class NLP:
-        def __init__(self):
-            self.pipe_names = ["tok2vec", "tagger", "parser", "attribute_ruler", "ner"]
+        pipe_names = ["tok2vec", "tagger", "parser", "attribute_ruler", "ner"]
 
         def select_pipes(self, disable):
             self.disabled = disable
@@ -337,6 +455,6 @@ def test_spacy_tagger_wiring(monkeypatch):
     nlp = NLP()
     aro._spacy_pipeline.cache_clear()
     monkeypatch.setitem(sys.modules, "spacy", types.SimpleNamespace(load=lambda name: nlp))
-    assert aro.spacy_tagger()("Paris pre is big") == [("Paris", "PROPN"), ("pre", "X"), ("is", "AUX"), ("big", "ADJ")]
+    assert aro.spacy_tagger()("Paris pre is big") == [("Paris", "NNP"), ("pre", "AFX"), ("is", "VBZ"), ("big", "JJ")]
     assert nlp.disabled == ["parser", "ner"]
     aro._spacy_pipeline.cache_clear()

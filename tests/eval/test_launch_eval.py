@@ -8,6 +8,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from PIL import Image
 
 import degla_scale.models  # noqa: F401  registers "degla-tiny"
 from degla_scale.data.synthetic import write_sugarcrepe, write_zeroshot
@@ -60,3 +61,22 @@ def test_bad_model_spec_is_one_line(tmp_path):
     assert ModelSpec.parse("base=openclip:ViT-B-32/openai") == ModelSpec("base", "openclip:ViT-B-32/openai")
     done = run_eval("--out", tmp_path, "--model", f"x={tmp_path / 'missing.pt'}")  # the CLI: exit 2, one line
     assert done.returncode == 2 and "missing.pt does not exist" in done.stderr
+
+
+def test_missing_aro_extra_is_one_line_before_any_model_loads(tmp_path):
+    """The order subsets' tagger is checked when the suites are prepared: the model file here is not a
+    checkpoint, so loading it first would end in another error instead of the install line."""
+    coco = tmp_path / "aro/coco"
+    (coco / "val2014").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(coco / "val2014/COCO_val2014_000000000001.jpg")
+    (coco / "coco_karpathy_test.json").write_text(json.dumps(
+        [{"image": "val2014/COCO_val2014_000000000001.jpg", "caption": ["A dog."]}]))
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    done = run_eval("--out", tmp_path / "eval", "--model", f"x={tmp_path / 'garbage.pt'}",
+                    f"evaluation.data_root={tmp_path}", "evaluation.suites=[aro]", "evaluation.aro.subsets=[coco_order]",
+                    "evaluation.aro.seed=1")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith("missing evaluation dependency: ARO order subsets need")
+    assert "pip install '.[aro]' && python -m spacy download en_core_web_sm && python -m nltk.downloader punkt_tab" \
+        in lines[0]
