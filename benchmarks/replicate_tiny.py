@@ -71,11 +71,11 @@ def evaluate(state_file: Path, data: Path) -> dict[str, float]:
     from degla_scale.eval.common import ModelEncoder
     from degla_scale.eval.models import ModelSpec, load_encoder
     from degla_scale.eval.sugarcrepe import evaluate_sugarcrepe
-    from degla_scale.eval.zeroshot import evaluate_zeroshot_dataset
+    from degla_scale.eval.zeroshot import evaluate_zeroshot
 
     encoder: ModelEncoder = load_encoder(ModelSpec.parse(str(state_file)), ModelConfig("degla-tiny"), 256, "cpu")
     comp = evaluate_sugarcrepe(encoder, data / "sugarcrepe", TYPES)
-    zeroshot = evaluate_zeroshot_dataset(encoder, data / "zeroshot")
+    zeroshot = evaluate_zeroshot(encoder, data / "zeroshot")
     return {**{t: comp[t] for t in TYPES}, "comp_avg": comp["average"], "zeroshot_acc1": zeroshot["acc1"]}
 
 

@@ -93,9 +93,11 @@ def unsafe_pickle_in(files) -> tuple[Path, list[str]] | None:
     return None
 
 
-def refuse_unsafe_pickles(folder: Path, error: type[Exception] = ExportError) -> None:
-    """`error` naming the first `.pt` file of `folder` whose pickle holds more than weights (the static scan)."""
-    unsafe = unsafe_pickle_in(sorted(Path(folder).glob("*.pt")))
+def refuse_unsafe_pickles(path: Path, error: type[Exception] = ExportError) -> None:
+    """`error` naming the first `.pt` file of folder `path` (or `path` itself, a file) whose pickle holds more
+    than weights (the static scan)."""
+    path = Path(path)
+    unsafe = unsafe_pickle_in(sorted(path.glob("*.pt")) if path.is_dir() else [path])
     if unsafe is not None:
         raise error(refusal(unsafe[0], f"pickles {', '.join(unsafe[1][:3])}"))
 

@@ -285,7 +285,7 @@ def write_sugarcrepe(out_dir: Path, seed: int, per_type: int) -> dict[str, int]:
     return counts
 
 
-ZEROSHOT_TEMPLATES = ("a photo of a {}.", "a {}.", "an image of a {}.")
+ZEROSHOT_TEMPLATES = ("a photo of a {c}.", "a {c}.", "an image of a {c}.")  # CLIP_benchmark's placeholder
 
 
 def write_zeroshot(out_dir: Path, seed: int, per_class: int) -> list[str]:

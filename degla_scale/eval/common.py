@@ -152,6 +152,13 @@ def pre_caption(caption: str, max_words: int) -> str:
     return " ".join(words[:max_words]) if len(words) > max_words else caption
 
 
+def finite(emb: torch.Tensor, what: str) -> torch.Tensor:
+    """`emb`, refused if it holds NaN or inf: a diverged model or a broken checkpoint would otherwise score."""
+    if not torch.isfinite(emb).all():
+        raise ValueError(f"{what} embeddings hold NaN or inf: the model has diverged or the checkpoint is broken")
+    return emb
+
+
 def pairwise_correct(img_ND: torch.Tensor, pos_ND: torch.Tensor, neg_ND: torch.Tensor) -> torch.Tensor:
     """[N] bool: the image is strictly closer to the positive than to the negative (a tie counts as wrong)."""
     return (img_ND * pos_ND).sum(-1) > (img_ND * neg_ND).sum(-1)

@@ -16,7 +16,7 @@ import open_clip
 
 from degla_scale.config import ModelConfig
 from degla_scale.eval.common import ModelEncoder
-from degla_scale.export import checkpoint_state_dict, run_model_section
+from degla_scale.export import checkpoint_state_dict, refuse_unsafe_pickles, run_model_section
 from degla_scale.models import build_clip, check_model, create_clip, image_transform, tokenizer, uses_quick_gelu
 
 
@@ -38,11 +38,14 @@ class ModelSpec:
         return cls(label or source, source, which or "student")
 
     def check(self) -> None:
-        """An `openclip:NAME/TAG` names a known architecture and tag (a `ConfigError` line otherwise), checked
-        before any benchmark is read or model loaded."""
+        """Checked before any benchmark is read or model loaded: an `openclip:NAME/TAG` names a known architecture
+        and tag (a `ConfigError` line otherwise); a `.pt` file, or a folder's own `.pt` files, pickle nothing but
+        weights (torch's static scan; an `ExportError` refusal line otherwise)."""
         if self.source.startswith("openclip:"):
             name, _, tag = self.source.removeprefix("openclip:").partition("/")
             check_model(name, tag or None)
+        else:
+            refuse_unsafe_pickles(Path(self.source))
 
 
 def load_encoder(spec: ModelSpec, default: ModelConfig, batch_size: int, device) -> ModelEncoder:
