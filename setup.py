@@ -43,6 +43,8 @@ setup(
         "aro": ["spacy>=3.7,<4", "nltk>=3.9"],
         # zero-shot prompts and class names for datasets other than ImageNet (read from its packaged JSON files)
         "zeroshot": [CLIP_BENCHMARK],
-        "dev": ["pytest>=8", "nltk>=3.9"],
+        # logging.wandb=true
+        "wandb": ["wandb>=0.19"],
+        "dev": ["pytest>=8", "nltk>=3.9", "wandb>=0.19"],
     },
 )

@@ -34,16 +34,16 @@ def user_errors() -> dict[type, str]:
             EvalDependencyError: "missing evaluation dependency"}
 
 
-STOPPED = 3  # training stopped itself (reliability.nonfinite=stop), its last good checkpoint kept
+STOPPED = 3  # training stopped itself (reliability.nonfinite=stop, evaluation.stop_on_drop), its checkpoint kept
 
 
 def run(main: Callable[[], int]) -> int:
     """`main()`'s exit code, or 2 after one line for a user error (3 for a run that stopped itself)."""
-    from degla_scale.reliability import NonFiniteError
+    from degla_scale.reliability import RunStopped
 
     try:
         return main()
-    except NonFiniteError as exc:
+    except RunStopped as exc:
         notice(f"training stopped: {exc}")
         return STOPPED
     except Exception as exc:

@@ -237,6 +237,14 @@ class LoggingConfig:
     """Record the ids of the samples of every step in the JSONL (for resume checks)."""
     telemetry: bool = True
     """Add rank 0's GPU readings (NVML memory, utilisation, power, clocks; torch peak memory) to each record."""
+    wandb: bool = False
+    """Also send every record to Weights & Biases (`pip install '.[wandb]'`; WANDB_MODE=offline works offline)."""
+    wandb_project: str = "degla-scale"
+    """The W&B project."""
+    wandb_name: Optional[str] = None
+    """The W&B run name; null = the run directory's name."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """W&B tags of the run."""
 
     def __post_init__(self):
         _check(self.every >= 1, f"logging.every={self.every} must be >= 1")
@@ -250,11 +258,20 @@ class CheckpointConfig:
     """Complete checkpoints kept on disk; older ones are deleted once a newer one is complete."""
     resume: str = "auto"
     """auto = continue from the latest checkpoint in the run directory if there is one; none = start fresh."""
+    best_metric: Optional[str] = None
+    """An evaluation metric as logged (e.g. eval/sugarcrepe/average, eval_teacher/zeroshot/acc1): the weights of
+    the evaluation that scored best on it are kept in <run_dir>/best/ (needs evaluation.every > 0)."""
+    best_mode: str = "max"
+    """max = a higher best_metric is better; min = lower is better."""
 
     def __post_init__(self):
         _check(self.every >= 1, f"checkpoint.every={self.every} must be >= 1")
         _check(self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last} must be >= 1")
         _check(self.resume in ("auto", "none"), f"checkpoint.resume={self.resume!r} must be auto or none")
+        _check(self.best_mode in ("max", "min"), f"checkpoint.best_mode={self.best_mode!r} must be max or min")
+        _check(self.best_metric is None or self.best_metric.startswith(("eval/", "eval_teacher/")),
+               f"checkpoint.best_metric={self.best_metric!r} must be an evaluation metric as logged, "
+               "eval/<suite>/<metric> or eval_teacher/<suite>/<metric> (e.g. eval/sugarcrepe/average)")
 
 
 @dataclass
@@ -350,7 +367,17 @@ class EvalConfig:
     suites: list[str] = field(default_factory=lambda: ["sugarcrepe", "zeroshot"])
     """Suites to run: any of sugarcrepe, aro, valse, zeroshot, retrieval."""
     batch_size: int = 256
-    """Images or texts per evaluation batch."""
+    """Images or texts per evaluation batch (per rank, during training)."""
+    every: int = 0
+    """During training: run the suites every this many optimizer steps, before training and at the end
+    (0 = never; launch/eval.py ignores it)."""
+    teacher: bool = False
+    """During training: evaluate the EMA teacher as well (logged as eval_teacher/...)."""
+    max_zeroshot_drop: Optional[float] = None
+    """During training: warn (one line) when the student's zero-shot acc1 falls more than this many points
+    below the first evaluation's; null = no alarm."""
+    stop_on_drop: bool = False
+    """With max_zeroshot_drop: end the run at that evaluation, with a checkpoint (exit code 3)."""
     sugarcrepe: SugarCrepeEvalConfig = field(default_factory=SugarCrepeEvalConfig)
     aro: AroEvalConfig = field(default_factory=AroEvalConfig)
     valse: ValseEvalConfig = field(default_factory=ValseEvalConfig)
@@ -359,6 +386,12 @@ class EvalConfig:
 
     def __post_init__(self):
         _check(self.batch_size >= 1, f"evaluation.batch_size={self.batch_size} must be >= 1")
+        _check(self.every >= 0, f"evaluation.every={self.every} must be >= 0 (0 = no evaluation during training)")
+        _check(self.max_zeroshot_drop is None or "zeroshot" in self.suites,
+               f"evaluation.max_zeroshot_drop={self.max_zeroshot_drop} watches zero-shot accuracy, but "
+               f"evaluation.suites={self.suites} lacks zeroshot: add it, or set max_zeroshot_drop=null")
+        _check(not self.stop_on_drop or self.max_zeroshot_drop is not None,
+               "evaluation.stop_on_drop=true needs evaluation.max_zeroshot_drop (points below the first evaluation)")
         unknown = [s for s in self.suites if s not in EVAL_SUITES]
         _check(bool(self.suites) and not unknown,
                f"evaluation.suites={self.suites} names unknown suites {unknown}: choose from {list(EVAL_SUITES)}")
@@ -393,6 +426,11 @@ class Config:
                "set data.num_negatives=K or both weights to 0 for plain CLIP")
         _check(self.teacher.offload == "none" or self.zero.stage >= 1,
                "teacher.offload=cpu shards the EMA like the ZeRO master weights and needs zero.stage >= 1, got 0")
+        _check(self.checkpoint.best_metric is None or self.evaluation.every > 0,
+               f"checkpoint.best_metric={self.checkpoint.best_metric!r} needs evaluation during training: set "
+               "evaluation.every to a number of steps")
+        _check(not (self.checkpoint.best_metric or "").startswith("eval_teacher/") or self.evaluation.teacher,
+               f"checkpoint.best_metric={self.checkpoint.best_metric!r} is the teacher's: set evaluation.teacher=true")
         _check(not (self.model.compile and self.zero.stage == 3),
                "model.compile=true with zero.stage=3: DeepSpeed's ZeRO-3 gathers each parameter in module hooks, "
                "which compiled blocks do not run; use zero.stage <= 2 or model.compile=false")

@@ -1,37 +1,76 @@
-"""Run logs: JSONL (the record of truth), TensorBoard, and a loss-curve plot drawn from the JSONL."""
+"""Run logs: JSONL (the record of truth), TensorBoard, optionally Weights & Biases, and a loss-curve plot
+drawn from the JSONL."""
 from __future__ import annotations
 
 import json
+import uuid
+from dataclasses import asdict
 from pathlib import Path
+
+WANDB_FIX = "pip install '.[wandb]', or set logging.wandb=false"
+
+
+def check_wandb() -> None:
+    """logging.wandb=true: wandb must import (checked on every rank before the run starts)."""
+    from degla_scale.config import ConfigError
+
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"logging.wandb=true needs the wandb package: {WANDB_FIX}") from None
+
+
+def start_wandb(run_dir: Path, cfg):
+    """A W&B run for `cfg` (its project, name and tags; the whole config as W&B's config), resumed under the
+    same id when the run directory is resumed. WANDB_MODE=offline keeps it on disk (run_dir/wandb/)."""
+    import wandb
+
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    lg = cfg.logging
+    return wandb.init(project=lg.wandb_project, name=lg.wandb_name or run_dir.name, tags=list(lg.wandb_tags),
+                      config=asdict(cfg), dir=str(run_dir), id=run_id, resume="allow")
 
 
 class RunLog:
-    """Rank 0 appends one JSON object per record to `train.jsonl` and mirrors scalars to TensorBoard."""
+    """Rank 0 appends one JSON object per record to `train.jsonl` and mirrors its numbers to TensorBoard and,
+    given `wandb` (the run's Config), to Weights & Biases."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, wandb=None):
         self.enabled = enabled
         self.path = run_dir / "train.jsonl"
-        self.tb = None
+        self.tb = self.wandb = None
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            if wandb is not None:
+                self.wandb = start_wandb(run_dir, wandb)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None and "step" in record:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(key.replace(".", "/"), value, record["step"])
+        if "step" not in record:
+            return
+        scalars = {key.replace(".", "/"): value for key, value in record.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step"}
+        if self.tb is not None:
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
 
 def read_jsonl(path: Path) -> list[dict]:

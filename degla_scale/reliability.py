@@ -24,8 +24,12 @@ from degla_scale import distributed as D
 TERMS = ("clip", "igc", "tgc", "distill")  # the loss terms checked, then "gradients"
 
 
-class NonFiniteError(RuntimeError):
-    """The run stopped on a non-finite loss or gradient; the message is one line."""
+class RunStopped(RuntimeError):
+    """The run stopped itself on a rule of its config; the message is one line (exit code 3)."""
+
+
+class NonFiniteError(RunStopped):
+    """The run stopped on a non-finite loss or gradient."""
 
 
 class NonFiniteWatch:

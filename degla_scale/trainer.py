@@ -30,7 +30,7 @@ from degla_scale.data.reader import (  # noqa: E402
 from degla_scale.data.images import DeviceNormalize, TrainImageTransform  # noqa: E402
 from degla_scale.data.mds import MDSReader, mds_stats  # noqa: E402
 from degla_scale.data.rejects import check_reject_budget, reject_totals  # noqa: E402
-from degla_scale.logs import RunLog, plot_loss_curves  # noqa: E402
+from degla_scale.logs import RunLog, check_wandb, plot_loss_curves  # noqa: E402
 from degla_scale.export import engine_state_dict  # noqa: E402
 from degla_scale.models import (  # noqa: E402
     check_model, open_clip_layout, tokenizer, train_image_transform,
@@ -39,6 +39,7 @@ from degla_scale.objective import DeGLALoss, degla_loss  # noqa: E402
 from degla_scale.preemption import Preemption  # noqa: E402
 from degla_scale.reliability import GradientGate, NonFiniteError, NonFiniteWatch, install_gradient_gate  # noqa: E402
 from degla_scale.telemetry import Telemetry  # noqa: E402
+from degla_scale.train_eval import ForgettingStop, TrainEvaluator, plot_eval_curve  # noqa: E402
 
 LOSS_TERMS = ("total", "clip", "igc", "tgc", "distill")
 
@@ -109,6 +110,7 @@ class Run:
     skipped_total: int = 0
     last_saved: int | None = None  # the step of the newest checkpoint this run wrote or resumed from
     scale: torch.Tensor | None = None  # the clamped logit scale of the last forward (ZeRO-3 holds no whole parameter)
+    evaluator: TrainEvaluator | None = None  # evaluation.every > 0
 
     @property
     def run_dir(self) -> Path:
@@ -123,6 +125,8 @@ def preflight(cfg: Config) -> int:
     """The checks that need no process group (model name and weights, data against config, loss backend
     against device) → samples per epoch."""
     check_model(cfg.model.name, cfg.model.pretrained)
+    if cfg.logging.wandb:
+        check_wandb()
     if cfg.objective.backend == "triton" and accelerator.configure() == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("objective.backend=triton needs CUDA (or TRITON_INTERPRET=1, Triton's slow CPU interpreter): "
                           "use objective.backend=auto")
@@ -167,6 +171,7 @@ def setup(cfg: Config) -> Run | None:
             return None
     device, bf16 = init_runtime(cfg)
     rank = D.rank()
+    evaluator = TrainEvaluator(cfg, device) if cfg.evaluation.every else None  # benchmarks read before the model
     layout = checkpoint.Layout(0, world, cfg.data.batch_size, cfg.schedule.grad_accum)
     universal = point is not None and checkpoint.prepare(point, layout, cfg.zero.stage, bf16)  # refuses another global batch
     if point is not None:
@@ -176,11 +181,13 @@ def setup(cfg: Config) -> Run | None:
     engine, teacher = build_engine(cfg, device, bf16, total_steps, load_universal=universal)
     transform = train_image_transform(cfg.model)
     reader = build_reader(cfg, rank, world, transform, pin_memory=device.type == "cuda")
-    log = RunLog(Path(cfg.run_dir), enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
+    log = RunLog(Path(cfg.run_dir), enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
+                 wandb=cfg if cfg.logging.wandb else None)
     run = Run(cfg, engine, teacher, reader, log, device, torch.bfloat16 if bf16 else torch.float32,
               steps_per_epoch, total_steps, Telemetry(device), layout,
               DeviceNormalize(transform.mean, transform.std, device), NonFiniteWatch(device),
-              install_gradient_gate(engine, skip=cfg.reliability.nonfinite == "skip"), position=DataPosition())
+              install_gradient_gate(engine, skip=cfg.reliability.nonfinite == "skip"), position=DataPosition(),
+              evaluator=evaluator)
     if point is not None:
         run.position = checkpoint.load(point, universal, layout, engine, teacher, cfg.data.num_workers)
         run.step = run.last_saved = point.saved.step
@@ -329,6 +336,8 @@ def _train(run: Run, preemption: Preemption) -> dict:
         run.log.write({"event": "start", "step": run.step, "total_steps": run.total_steps,
                        "steps_per_epoch": run.steps_per_epoch, "world_size": D.world_size(), "ranks": ranks,
                        "resumed": run.step > 0, "data_position": run.position.to_json()})
+    if run.evaluator is not None and run.step == 0:  # the pre-trained model: the alarm's baseline
+        _evaluate(run)
     progress = None
     if rank0 and cfg.logging.progress:
         from tqdm import tqdm
@@ -383,10 +392,20 @@ def _loop(run: Run, progress, preemption: Preemption) -> dict:
                     if progress is not None:
                         progress.set_postfix(loss=f"{record['loss.total']:.4f}", refresh=False)
                     terms_sum, n, keys, t0 = torch.zeros_like(terms_sum), 0, [], time.perf_counter()
-                if save_now:
+                stop = None
+                if run.evaluator is not None and run.evaluator.due(run.step, run.total_steps):
+                    eval_start = time.perf_counter()
+                    stop = _evaluate(run)
+                    t0 += time.perf_counter() - eval_start  # samples_per_s counts training time only
+                if save_now or stop is not None:
                     checkpoint.save(run.ckpt_dir, replace(run.layout, step=run.step), run.engine, run.teacher,
                                     run.position, cfg.checkpoint.keep_last)
                     run.last_saved = run.step
+                if stop is not None:
+                    run.log.write({"event": "stopped", "step": run.step, "reason": stop})
+                    run.log.close()
+                    raise ForgettingStop(f"{stop} (evaluation.stop_on_drop=true): saved the checkpoint of step "
+                                         f"{run.step} in {run.ckpt_dir}; best weights so far in {run.run_dir / 'best'}")
                 if progress is not None:
                     progress.update(1)
                 if signal_name is not None and not last:
@@ -397,6 +416,16 @@ def _loop(run: Run, progress, preemption: Preemption) -> dict:
         finally:  # shuts the epoch's data workers down, also when a step raised (they ignore SIGTERM)
             batches.close()
     return record
+
+
+def _evaluate(run: Run) -> str | None:
+    """Score the configured suites now (collective) and log them; the alarm's line when the run must stop."""
+    record, stop = run.evaluator.evaluate(run.engine, run.teacher, run.step)
+    run.log.write(record)
+    if D.rank() == 0:
+        ev = run.cfg.evaluation
+        plot_eval_curve(run.log.path, run.run_dir / "eval_curve.png", run.evaluator.state.baseline, ev.max_zeroshot_drop)
+    return record["alarm"] if stop else None
 
 
 def finish(run: Run) -> None:
@@ -414,4 +443,6 @@ def finish(run: Run) -> None:
     run.log.write({"event": "end", "step": run.step})
     run.log.close()
     notice(f"done: step {run.step}/{run.total_steps}; weights {final}/student.pt" + (" and teacher.pt" if teacher else "")
-           + f", log {run.log.path}, loss curve {run.run_dir / 'loss_curve.png'}")
+           + f", log {run.log.path}, loss curve {run.run_dir / 'loss_curve.png'}"
+           + (f", eval curve {run.run_dir / 'eval_curve.png'}" if run.evaluator is not None else "")
+           + (f", best weights {run.run_dir / 'best'}" if run.cfg.checkpoint.best_metric else ""))

@@ -2,6 +2,8 @@
 
 FAULT_NAN_STEPS=3,4  FAULT_NAN_RANK=1   the loss term clip (hence the total) is NaN at those optimizer steps
                                          on that rank (every rank when FAULT_NAN_RANK is unset)
+FAULT_ZEROSHOT_SHIFT=2,3:-30            the student's zero-shot scores measured at those steps' evaluations are shifted
+                                         by that many points (a planted drop, or with a + a planted peak)
 FAULT_DIGESTS=1                          after every step each rank appends to RUN_DIR/digests_rank{r}.jsonl a
                                          hash of the student's weights (fp32 masters where ZeRO keeps them) and of the EMA teacher
 """
@@ -58,6 +60,27 @@ def train_step(run, batches):
 
 
 trainer.objective_loss, trainer.train_step = objective_loss, train_step
+
+if os.environ.get("FAULT_ZEROSHOT_SHIFT"):
+    from degla_scale import train_eval
+
+    steps_text, shift_text = os.environ["FAULT_ZEROSHOT_SHIFT"].split(":")
+    shift_steps, shift = {int(s) for s in steps_text.split(",")}, float(shift_text)
+    original_evaluate = train_eval.TrainEvaluator.evaluate
+    original_score = train_eval.TrainEvaluator._score
+
+    def evaluate(self, engine, teacher, step):
+        self.planting = step in shift_steps  # the student is scored first
+        return original_evaluate(self, engine, teacher, step)
+
+    def _score(self, state):
+        results = original_score(self, state)
+        if getattr(self, "planting", False):
+            self.planting = False
+            results["zeroshot"] = train_eval.Scores({k: v + shift for k, v in results["zeroshot"].items()})
+        return results
+
+    train_eval.TrainEvaluator.evaluate, train_eval.TrainEvaluator._score = evaluate, _score
 
 if __name__ == "__main__":
     sys.exit(entry.main())

@@ -113,31 +113,55 @@ def _unique(items: Sequence) -> tuple[list, torch.Tensor]:
 
 class ModelEncoder:
     """Embeds with an open_clip model (`encode_image` / `encode_text`) in batches, with a progress bar.
-    Each distinct image or text is embedded once (benchmarks reuse images across many captions)."""
+    Each distinct image or text is embedded once (benchmarks reuse images across many captions).
+
+    `share=(rank, world)` splits the distinct items across the ranks of the process group: each embeds one
+    contiguous share (the last padded with repeats, so every rank runs the same number of batches) and every
+    rank receives all embeddings (`all_gather`). Collective then: every rank must make the same calls."""
 
     def __init__(self, clip, transform, tokenize, batch_size: int = 64, device: torch.device | str = "cpu",
-                 loader_threads: int = 8):
+                 loader_threads: int = 8, share: tuple[int, int] = (0, 1)):
         self.clip, self.transform, self.tokenize = clip.to(device).eval(), transform, tokenize
         self.batch_size, self.device, self.loader_threads = batch_size, device, loader_threads
+        self.rank, self.world = share
+        param = next(clip.parameters(), None)
+        self.dtype = torch.float32 if param is None else param.dtype  # pixels in the weights' dtype
+
+    def _embed(self, items: list, embed_batch, desc: str) -> torch.Tensor:
+        """[len(items), D] float32 on the CPU: this rank's share embedded, every share gathered."""
+        per = -(-len(items) // self.world)
+        mine = items[self.rank * per:(self.rank + 1) * per]
+        mine += [items[-1]] * (per - len(mine))
+        batches = range(0, per, self.batch_size)
+        out = [embed_batch(mine[i:i + self.batch_size])
+               for i in tqdm(batches, desc=desc, unit="batch", leave=False, disable=self.rank != 0)]
+        local_PD = torch.cat(out)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            shares = [torch.empty_like(local_PD) for _ in range(self.world)]
+            dist.all_gather(shares, local_PD)
+            local_PD = torch.cat(shares)
+        return local_PD[:len(items)].float().cpu()
 
     @torch.no_grad()
     def images(self, refs: Sequence[ImageRef], desc: str = "images") -> torch.Tensor:
         distinct, where = _unique(refs)
-        out = []
+        if not distinct:
+            return torch.zeros(0, 0)
         with ThreadPoolExecutor(self.loader_threads) as pool:  # JPEG decoding releases the GIL
-            for i in tqdm(range(0, len(distinct), self.batch_size), desc=desc, unit="batch", leave=False):
-                pixels = list(pool.map(lambda ref: self.transform(ref.load()), distinct[i:i + self.batch_size]))
-                out.append(self.clip.encode_image(torch.stack(pixels).to(self.device), normalize=True).float().cpu())
-        return torch.cat(out)[where] if out else torch.zeros(0, 0)
+            def embed(batch):
+                pixels = torch.stack(list(pool.map(lambda ref: self.transform(ref.load()), batch)))
+                return self.clip.encode_image(pixels.to(self.device, self.dtype), normalize=True)
+            return self._embed(distinct, embed, desc)[where]
 
     @torch.no_grad()
     def texts(self, texts: Sequence[str], desc: str = "texts") -> torch.Tensor:
         distinct, where = _unique(texts)
-        out = []
-        for i in tqdm(range(0, len(distinct), self.batch_size), desc=desc, unit="batch", leave=False):
-            tokens = self.tokenize(distinct[i:i + self.batch_size]).to(self.device)
-            out.append(self.clip.encode_text(tokens, normalize=True).float().cpu())
-        return torch.cat(out)[where] if out else torch.zeros(0, 0)
+        if not distinct:
+            return torch.zeros(0, 0)
+        embed = lambda batch: self.clip.encode_text(self.tokenize(batch).to(self.device), normalize=True)  # noqa: E731
+        return self._embed(distinct, embed, desc)[where]
 
 
 def pre_caption(caption: str, max_words: int) -> str:

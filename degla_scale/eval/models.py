@@ -61,7 +61,12 @@ def load_encoder(spec: ModelSpec, default: ModelConfig, batch_size: int, device)
     if spec.source.endswith(".safetensors"):
         clip = create_clip(cfg.name, spec.source, force_quick_gelu=uses_quick_gelu(cfg.name, cfg.pretrained))
     else:
-        clip = build_clip(cfg, load_weights=False)
-        state, shapes = checkpoint_state_dict(spec.source, spec.which), clip.state_dict()
-        clip.load_state_dict({k: v.reshape(shapes[k].shape) for k, v in state.items()})  # 1-dim logit_scale
+        clip = load_state(build_clip(cfg, load_weights=False), checkpoint_state_dict(spec.source, spec.which))
     return ModelEncoder(clip, image_transform(cfg), tokenizer(cfg), batch_size, device)
+
+
+def load_state(clip, state: dict):
+    """`clip` holding `state` (open_clip's layout; the built model's logit_scale is 1-dim, the layout's a scalar)."""
+    shapes = clip.state_dict()
+    clip.load_state_dict({k: v.reshape(shapes[k].shape) for k, v in state.items()})
+    return clip
