@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # A plain `torch` request would pull a multi-GB CUDA build from PyPI; the pinned pair installs from local disk.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv test demo gpu-check clean
+.PHONY: venv test test-long demo gpu-check clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): setup.py constraints.txt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# also the tests marked long (the GPU check's CPU run, ZeRO-3 resume on fewer ranks, two MDS nodes): ~5 min more
+test-long: $(STAMP)
+	$(BIN)/python -m pytest -q --run-long tests
 
 # make demo FORMAT=mds: the same demo on mosaicml-streaming shards
 FORMAT ?= wds

@@ -90,7 +90,7 @@ class TrainEvaluator:
     def _score(self, state: dict) -> dict[str, Scores]:
         load_state(self.clip, state)
         encoder = ModelEncoder(self.clip, self.transform, self.tokenize, self.cfg.evaluation.batch_size, self.device,
-                               share=(D.rank(), D.world_size()))
+                               share=(D.rank(), D.world_size()), progress=self.cfg.logging.progress)
         try:
             return evaluate(encoder, self.suites)
         finally:

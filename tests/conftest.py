@@ -10,18 +10,25 @@ if not torch.cuda.is_available():  # Triton kernels run on the CPU under the int
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-long", action="store_true", help="also run the tests marked long (make test-long)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~30 s on a 2-core CPU")
+    config.addinivalue_line("markers", "long: more than ~40 s on a 2-core CPU and covered in part by a shorter "
+                                       "test; skipped unless --run-long, which keeps `make test` under 30 minutes")
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA")
+    skip_long = pytest.mark.skip(reason="long: run with --run-long (make test-long)")
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "long" in item.keywords and not config.getoption("--run-long"):
+            item.add_marker(skip_long)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
 
 
 # Small fine-tuning shards shared by the trainer and checkpoint tests (96 samples, K=2, 12 shards of 8).

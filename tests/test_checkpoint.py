@@ -48,7 +48,7 @@ def _copy_checkpoint(src_run: Path, tag: str, dst_run: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.long)])  # 3: ~80 s
 def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path, shards, stage):
     common = [f"zero.stage={stage}", "checkpoint.every=4"]
     reference = tmp_path / "two"

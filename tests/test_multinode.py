@@ -43,7 +43,7 @@ def finish(nodes, timeout=300):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _own_shm_works(), reason="needs `unshare --mount` (root) to give each node its own /dev/shm")
-@pytest.mark.parametrize("fmt", ["wds", "mds"])
+@pytest.mark.parametrize("fmt", ["wds", pytest.param("mds", marks=pytest.mark.long)])
 def test_two_nodes_train_checkpoint_and_resume(tmp_path, shards, two_rank_reference, fmt):
     import psutil
 

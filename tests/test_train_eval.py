@@ -118,9 +118,10 @@ def test_planted_drop_with_stop_on_drop_ends_with_a_checkpoint(tmp_path, shards,
 def test_sigkill_resume_keeps_cadence_and_the_best_so_far(tmp_path, shards, eval_data):
     # A planted peak at step 2 makes it the best zero-shot evaluation for sure; the run is killed after its
     # checkpoint of step 6 (or 9) and resumed: evaluations continue at the next multiples of 2 (not again at the
-    # resumed step), and best/ stays step 2's.
+    # resumed step), and best/ stays step 2's. At ZeRO-3, whose weights are gathered for each evaluation.
     run = tmp_path / "killed"
-    extra = [*eval_overrides(eval_data, 2), "checkpoint.best_metric=eval/zeroshot/acc1"]
+    extra = [*eval_overrides(eval_data, 2, "evaluation.teacher=true"), "checkpoint.best_metric=eval/zeroshot/acc1",
+             "zero.stage=3"]
     cmd = [sys.executable, str(ROOT / "tests/fault_inject.py"), "--config", str(ROOT / "configs/tiny.yaml"),
            *overrides(shards, run, steps=10), *extra]
     env = {**os.environ, "FAULT_ZEROSHOT_SHIFT": "2:+50"}
@@ -140,4 +141,5 @@ def test_sigkill_resume_keeps_cadence_and_the_best_so_far(tmp_path, shards, eval
     after = [r["step"] for r in records(run)[starts[1]:] if r.get("event") == "eval"]
     assert after == [s for s in (8, 10) if s > saved]
     assert sorted(evals_of(run)) == [0, 2, 4, 6, 8, 10]
+    assert all("eval_teacher/zeroshot/acc1" in r for r in evals_of(run).values())
     assert json.loads((run / "best" / "best.json").read_text()) == before

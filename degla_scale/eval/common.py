@@ -120,10 +120,11 @@ class ModelEncoder:
     rank receives all embeddings (`all_gather`). Collective then: every rank must make the same calls."""
 
     def __init__(self, clip, transform, tokenize, batch_size: int = 64, device: torch.device | str = "cpu",
-                 loader_threads: int = 8, share: tuple[int, int] = (0, 1)):
+                 loader_threads: int = 8, share: tuple[int, int] = (0, 1), progress: bool = True):
         self.clip, self.transform, self.tokenize = clip.to(device).eval(), transform, tokenize
         self.batch_size, self.device, self.loader_threads = batch_size, device, loader_threads
         self.rank, self.world = share
+        self.progress = progress and self.rank == 0
         param = next(clip.parameters(), None)
         self.dtype = torch.float32 if param is None else param.dtype  # pixels in the weights' dtype
 
@@ -134,7 +135,7 @@ class ModelEncoder:
         mine += [items[-1]] * (per - len(mine))
         batches = range(0, per, self.batch_size)
         out = [embed_batch(mine[i:i + self.batch_size])
-               for i in tqdm(batches, desc=desc, unit="batch", leave=False, disable=self.rank != 0)]
+               for i in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not self.progress)]
         local_PD = torch.cat(out)
         if self.world > 1:
             import torch.distributed as dist

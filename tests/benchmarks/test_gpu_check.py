@@ -109,7 +109,7 @@ def test_bad_invocation_ends_with_one_line(tmp_path, args, says):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.long  # ~100 s: run it (pytest --run-long) before spending GPU time on the check
 def test_tiny_run_end_to_end(tmp_path):
     """Every part runs and finishes; the 8 files and nothing else; the table is the last thing printed."""
     out = tmp_path / "out"

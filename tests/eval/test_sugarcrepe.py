@@ -90,3 +90,29 @@ def test_image_ref_crops_to_its_box(tmp_path):
     image.save(tmp_path / "x.png")
     crop = ImageRef(tmp_path / "x.png", box=(6, 2, 3, 3)).load()
     assert crop.size == (3, 3) and crop.getcolors() == [(9, (255, 0, 0))]
+
+
+def test_model_encoder_embeds_only_its_share_and_gathers_the_rest(monkeypatch):
+    # 5 distinct texts over 2 ranks: shares of ceil(5/2) = 3, rank 1 embedding texts 3, 4 and 4 again (its pad);
+    # the all_gather is played by a stand-in that fills rank 0's share as rank 0 would have embedded it.
+    import torch.distributed as dist
+
+    texts = ["red 0", "green 1", "red 2", "green 3", "red 4", "red 0"]
+    distinct = texts[:5]
+    seen = []
+
+    class RecordingClip(ColourClip):
+        def encode_text(self, tokens, normalize=True):
+            seen.append(tokens.clone())
+            return super().encode_text(tokens)
+
+    def all_gather(shares, local):
+        shares[0].copy_(ColourClip().encode_text(tokenize(distinct[:3])))
+        shares[1].copy_(local)
+
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    enc = ModelEncoder(RecordingClip(), to_tensor, tokenize, batch_size=2, share=(1, 2))
+    out = enc.texts(texts)
+    assert torch.equal(torch.cat(seen), tokenize(["green 3", "red 4", "red 4"]))  # its share only, in 2 batches
+    assert len(seen) == 2
+    assert torch.allclose(out, ColourClip().encode_text(tokenize(texts)))  # every text, in the input order
