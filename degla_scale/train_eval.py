@@ -74,14 +74,14 @@ def flatten(prefix: str, results: dict[str, Scores]) -> dict[str, float]:
 class TrainEvaluator:
     """Built on every rank at setup (the suites are read and checked before the model loads)."""
 
-    def __init__(self, cfg: Config, device: torch.device):
+    def __init__(self, cfg: Config, device: torch.device, resuming: bool):
         self.cfg, self.device = cfg, device
         self.run_dir = Path(cfg.run_dir)
         self.suites = prepare(cfg.evaluation)
         with torch.random.fork_rng(devices=[]):  # the model's random init must not move the training RNG
             self.clip = build_clip(cfg.model, load_weights=False).float().eval()
         self.transform, self.tokenize = image_transform(cfg.model), tokenizer(cfg.model)
-        self.state = EvalState.load(self.run_dir)
+        self.state = EvalState.load(self.run_dir) if resuming else EvalState()  # a fresh start forgets old bests
 
     def due(self, step: int, total_steps: int) -> bool:
         every = self.cfg.evaluation.every

@@ -171,7 +171,7 @@ def setup(cfg: Config) -> Run | None:
             return None
     device, bf16 = init_runtime(cfg)
     rank = D.rank()
-    evaluator = TrainEvaluator(cfg, device) if cfg.evaluation.every else None  # benchmarks read before the model
+    evaluator = TrainEvaluator(cfg, device, point is not None) if cfg.evaluation.every else None  # benchmarks read before the model
     layout = checkpoint.Layout(0, world, cfg.data.batch_size, cfg.schedule.grad_accum)
     universal = point is not None and checkpoint.prepare(point, layout, cfg.zero.stage, bf16)  # refuses another global batch
     if point is not None:
