@@ -21,7 +21,7 @@ $(STAMP): setup.py constraints.txt
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-# also the tests marked long (the GPU check's CPU run, ZeRO-3 resume on fewer ranks, two MDS nodes): ~5 min more
+# also the tests marked long (the GPU check's CPU run, ZeRO-3 resume on fewer ranks, two MDS nodes, a SIGKILLed MDS run): ~6 min more
 test-long: $(STAMP)
 	$(BIN)/python -m pytest -q --run-long tests
 

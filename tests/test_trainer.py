@@ -115,7 +115,8 @@ def assert_continues_the_reference(run_dir, reference, steps=5):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["wds", "mds"])
+# mds: ~55 s, long; its MDS resume is also checked by test_checkpoint (mds, 2→1 ranks) and the SIGUSR1 preemption test
+@pytest.mark.parametrize("fmt", ["wds", pytest.param("mds", marks=pytest.mark.long)])
 def test_two_ranks_sigkill_mid_epoch_and_relaunch_see_the_same_samples(tmp_path, shards, two_rank_reference, fmt):
     """Both ranks killed mid-epoch (SIGKILL to the launcher's process group), relaunched: every step after
     the checkpoint sees, on each rank, exactly the samples of the uninterrupted run."""
